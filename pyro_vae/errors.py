@@ -1,0 +1,13 @@
+"""The errors a user can fix; the CLI prints these as one line instead of a traceback."""
+
+from pyro_vae.likelihoods import DataError
+from pyro_vae.objectives.base import SiteMismatchError
+from pyro_vae.registry import UnknownNameError
+from pyro_vae.run import CheckpointError
+from pyro_vae.train import TrainingDiverged
+
+USER_ERRORS = (DataError, SiteMismatchError, UnknownNameError, CheckpointError, TrainingDiverged,
+               ValueError, FileNotFoundError)
+
+__all__ = ["USER_ERRORS", "CheckpointError", "DataError", "SiteMismatchError", "TrainingDiverged",
+           "UnknownNameError"]

@@ -1,0 +1,40 @@
+"""Amortized diagonal-Gaussian guide q(z|x) = N(mu(x), diag sigma(x)^2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from pyro_vae.nets import GaussianHead
+from pyro_vae.registry import GUIDES
+
+
+@GUIDES.register("gaussian")
+class GaussianGuide(PyroModule):
+    """q(z|x) = N(mu(x), diag sigma(x)^2) with an MLP encoder (Kingma & Welling 2014)."""
+
+    latent_sites = ("z",)
+
+    def __init__(
+        self,
+        x_dim: int = 784,
+        z_dim: int = 20,
+        hidden: Sequence[int] = (400,),
+        activation: str = "relu",
+        **_,
+    ):
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        self.encoder = GaussianHead([x_dim, *hidden, z_dim], activation)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+
+    def forward(self, x: torch.Tensor, **context):
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("z", self.posterior(x))

@@ -1,0 +1,6 @@
+"""Generative models p(x|z) p(z), one family per file, found by name in ``MODELS``."""
+
+from pyro_vae.models.vae import VAE, LatentVariableModel, LinearGaussian
+from pyro_vae.registry import MODELS
+
+__all__ = ["MODELS", "VAE", "LatentVariableModel", "LinearGaussian"]

@@ -1,0 +1,75 @@
+"""ELBO estimators, found by short name with options: ``elbo``, ``meanfield``, ``iwae:K=50`` ...
+
+``make_estimator("iwae:K=50")`` returns a ``pyro.infer.ELBO`` exposing ``differentiable_loss``.
+Options follow the name after a colon, comma-separated ``key=value``; ``K`` is the number of
+particles (``--particles`` on the command line), vectorized.
+"""
+
+from __future__ import annotations
+
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_vae.objectives.base import (
+    Objective,
+    SiteMismatchError,
+    check_pair,
+    log_weights,
+    scale_latents,
+)
+from pyro_vae.registry import ESTIMATORS
+
+__all__ = ["ESTIMATORS", "Objective", "SiteMismatchError", "check_pair", "log_weights",
+           "make_estimator", "parse_spec", "scale_latents"]
+
+
+def _pyro_elbo(cls, K: int = 1, max_plate_nesting: int = 1, **opts):
+    if opts:
+        raise ValueError(f"unexpected options {sorted(opts)}")
+    return cls(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=max_plate_nesting)
+
+
+@ESTIMATORS.register("elbo")
+def elbo(**opts):
+    """Trace_ELBO: E_q[log p(x, z) - log q(z|x)] by reparameterized Monte Carlo (K particles)."""
+    return _pyro_elbo(Trace_ELBO, **opts)
+
+
+@ESTIMATORS.register("meanfield")
+def meanfield(**opts):
+    """TraceMeanField_ELBO: E_q[log p(x|z)] - KL(q || p) with the KL in closed form."""
+    return _pyro_elbo(TraceMeanField_ELBO, **opts)
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"miwae:M=8,K=8"`` -> ("miwae", {"M": 8, "K": 8})."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"estimator option {item!r} in {spec!r} must look like key=value")
+        opts[key.strip()] = _parse_value(value.strip())
+    return name.strip(), opts
+
+
+def make_estimator(spec: str, particles: int | None = None, **defaults):
+    """Build an estimator from ``spec``; options in the spec win over ``particles``/defaults."""
+    name, opts = parse_spec(spec)
+    factory = ESTIMATORS.get(name)
+    if particles is not None:
+        opts.setdefault("K", particles)
+    for k, v in defaults.items():
+        opts.setdefault(k, v)
+    try:
+        return factory(**opts)
+    except TypeError as e:
+        raise ValueError(f"bad options for estimator {name!r} in {spec!r}: {e}") from None

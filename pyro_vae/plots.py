@@ -1,0 +1,66 @@
+"""Figures written as PNG files: image grids, reconstructions, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
+    if image_shape is None:
+        side = int(round(x.shape[-1] ** 0.5))
+        if side * side != x.shape[-1]:
+            raise ValueError(f"cannot show {x.shape[-1]} features as an image; give image_shape")
+        image_shape = (1, side, side)
+    return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
+
+
+def save_image_grid(x: torch.Tensor, path: str | Path, image_shape=None, nrow: int = 8,
+                    title: str | None = None) -> Path:
+    """Save rows of flat images as one grid PNG."""
+    grid = make_grid(_as_images(x, image_shape), nrow=nrow, padding=2, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, path: str | Path, image_shape=None,
+                         nrow: int = 8) -> Path:
+    """Originals (odd rows) above their reconstructions (even rows)."""
+    pairs = []
+    for i in range(0, len(x), nrow):
+        pairs += [x[i : i + nrow], recon[i : i + nrow]]
+    return save_image_grid(torch.cat(pairs), path, image_shape, nrow,
+                           title="originals (odd rows) and reconstructions (even rows)")
+
+
+def save_training_curve(metrics: list[dict], path: str | Path) -> Path:
+    """Train and test loss (negative bound, nats per data point) against epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [m["epoch"] for m in metrics]
+    for key in ("train_loss", "valid_loss", "test_loss"):
+        if metrics and key in metrics[0]:
+            ax.plot(epochs, [m[key] for m in metrics], marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative bound (nats per data point)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

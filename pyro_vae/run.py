@@ -1,0 +1,101 @@
+"""The run directory: config.json, checkpoint.pt (written atomically), metrics.jsonl, figures/."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from pyro_vae.config import TrainConfig, build_model_and_guide
+
+CONFIG, CHECKPOINT, METRICS, FIGURES = "config.json", "checkpoint.pt", "metrics.jsonl", "figures"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged, or not a pyro-vae checkpoint."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_config(run_dir: Path, config: TrainConfig) -> None:
+    text = json.dumps(config.to_dict(), indent=2)
+    atomic_write(run_dir / CONFIG, lambda p: p.write_text(text))
+
+
+def load_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} is not a run directory: it has no {CONFIG}. "
+                              f"Pass the folder that `pyro-vae train --out` wrote.")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged or from another version: {e}") from e
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(run_dir: str | Path, map_location="cpu") -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the run has not finished an epoch yet.")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is damaged "
+            f"or not a pyro-vae checkpoint; retrain the run (or restore the file from a backup)."
+        ) from e
+    missing = {"model", "guide", "epoch"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path} is not a pyro-vae checkpoint: it lacks {sorted(missing)}")
+    return state
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """(config, model, guide) of a trained run, in eval mode on ``device``."""
+    config = load_config(run_dir)
+    state = load_checkpoint(run_dir, map_location=device)
+    model, guide = build_model_and_guide(config)
+    try:
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint in {run_dir} does not fit its config.json: {e}") from e
+    return config, model.to(device).eval(), guide.to(device).eval()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write(run_dir / METRICS, lambda p: p.write_text(text))
