@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 import torch
 
 from pyro_vae.guides import GUIDES
@@ -89,7 +90,8 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
 
     Every model and guide class receives ``x_dim, z_dim, hidden, activation`` plus its own
     ``model_options``/``guide_options``; models also get ``likelihood`` and ``train_mean``
-    (the training mean, for initialising the output bias, or None).
+    (the training mean, for initialising the output bias, or None); a guide whose constructor
+    takes ``model`` (such as ``linear-posterior``) gets the model.
     """
     if config.x_dim is None:
         raise ValueError("config.x_dim is unset: set it from the data (dataset.x_dim) first")
@@ -98,5 +100,8 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
     mean = train_mean if config.init_output_bias else None
     model = MODELS.get(config.model)(**common, likelihood=config.likelihood, train_mean=mean,
                                      **config.model_options)
-    guide = GUIDES.get(config.guide)(**common, **config.guide_options)
+    guide_cls = GUIDES.get(config.guide)
+    if "model" in inspect.signature(guide_cls).parameters:  # guides built from their model
+        common["model"] = model
+    guide = guide_cls(**common, **config.guide_options)
     return model, guide

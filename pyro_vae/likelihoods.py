@@ -13,13 +13,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyro_vae.checks import DataError
 from pyro_vae.registry import Registry
 
 LIKELIHOODS = Registry("likelihood")
-
-
-class DataError(ValueError):
-    """Data that a model cannot be trained or evaluated on, with the fix in the message."""
 
 
 class Likelihood(nn.Module):

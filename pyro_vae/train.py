@@ -58,7 +58,7 @@ def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000) -> 
 
 
 def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainConfig) -> TrainingDiverged:
-    hints = ["a lower --lr (now %g)" % config.lr]
+    hints = [f"a lower --lr (now {config.lr:g})"]
     if not config.clip_grad:
         hints.append("--clip-grad 10")
     if config.likelihood == "gaussian":
@@ -68,6 +68,39 @@ def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainCo
         f"checkpoint (epoch {epoch - 1}) is kept in {run_dir}. Try {', '.join(hints)}, then "
         f"`pyro-vae train --resume {run_dir}`."
     )
+
+
+def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedule, epoch: int,
+                clip_grad: float | None = None, progress: bool = False, log_every: int = 50,
+                desc: str = "") -> tuple[float, float, float | None]:
+    """One pass over the training data; returns (mean loss, last beta, last gradient norm).
+
+    Raises FloatingPointError(step, loss) when the loss is not finite (checked when read back).
+    """
+    objective.train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    batches = batch_indices(len(dataset.train), batch_size, dataset.train.device)
+    total = torch.zeros((), device=dataset.train.device)
+    grad_norm = None
+    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    for step, index in enumerate(bar, 1):
+        beta = schedule(epoch - 1 + step / len(batches))
+        loss = objective(dataset.batch(index), beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+        total += loss.detach()
+        if progress and step % log_every == 0:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise FloatingPointError(step, value)
+            bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.3g}")
+    mean = float(total) / len(batches)
+    if not math.isfinite(mean):
+        raise FloatingPointError(len(batches), mean)
+    return mean, beta, (None if grad_norm is None else float(grad_norm))
 
 
 def train(
@@ -111,39 +144,23 @@ def train(
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     save_config(run_dir, config)
 
-    params = list(objective.parameters())
     show = not quiet and sys.stderr.isatty()
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
-        objective.train()
-        batches = batch_indices(len(dataset.train), config.batch_size, device)
-        total = torch.zeros((), device=device)
-        grad_norm = torch.zeros((), device=device)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
-        for step, index in enumerate(bar, 1):
-            beta = schedule(epoch - 1 + step / len(batches))
-            loss = objective(dataset.batch(index), beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            optimizer.step()
-            total += loss.detach()
-            if show and step % log_every == 0:
-                value = float(loss)
-                if not math.isfinite(value):
-                    raise _diverged(epoch, step, value, run_dir, config)
-                bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.3g}")
-        train_loss = float(total) / len(batches)
-        if not math.isfinite(train_loss):
-            raise _diverged(epoch, len(batches), train_loss, run_dir, config)
+        try:
+            train_loss, beta, grad_norm = train_epoch(objective, optimizer, dataset, config.batch_size,
+                                                      schedule, epoch, config.clip_grad,
+                                                      progress=show, log_every=log_every,
+                                                      desc=f"epoch {epoch}/{config.epochs}")
+        except FloatingPointError as e:
+            raise _diverged(epoch, e.args[0], e.args[1], run_dir, config) from None
         objective.eval()
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": mean_loss(objective, dataset.test),
                "epoch_time_s": time.perf_counter() - t0, "beta": beta, "lr": config.lr}
         if dataset.valid is not None:
             row["valid_loss"] = mean_loss(objective, dataset.valid)
-        if config.clip_grad:
-            row["grad_norm"] = float(grad_norm)
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
         metrics.append(row)
         write_metrics(run_dir, metrics)
         save_checkpoint(run_dir, {

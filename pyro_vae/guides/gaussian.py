@@ -7,14 +7,16 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from torch import nn
 
+from pyro_vae.checks import check_features
+from pyro_vae.distributions import ReparamNormal
 from pyro_vae.nets import GaussianHead
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("gaussian")
-class GaussianGuide(PyroModule):
+class GaussianGuide(nn.Module):
     """q(z|x) = N(mu(x), diag sigma(x)^2) with an MLP encoder (Kingma & Welling 2014)."""
 
     latent_sites = ("z",)
@@ -33,8 +35,9 @@ class GaussianGuide(PyroModule):
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+        return ReparamNormal(loc, scale, validate_args=False).to_event(1)
 
     def forward(self, x: torch.Tensor, **context):
+        check_features(x, self.x_dim, type(self).__name__)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.posterior(x))

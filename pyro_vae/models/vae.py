@@ -7,19 +7,22 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.likelihoods import DataError, make_likelihood
+from pyro_vae.checks import check_features
+from pyro_vae.distributions import StandardNormal
+from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.nets import MLP
 from pyro_vae.registry import MODELS
 
 
-class LatentVariableModel(PyroModule):
+class LatentVariableModel(nn.Module):
     """Base for models of one latent site ``z`` with a N(0, I) prior and observed site ``x``.
 
     Subclasses define ``decode(z) -> distribution over x``. ``forward(x)`` is the Pyro program
-    p(z) p(x|z) inside ``pyro.plate("data", batch)``.
+    p(z) p(x|z) inside ``pyro.plate("data", batch)``. A plain ``nn.Module`` (PyroModules work
+    too): the training loop optimises ``parameters()`` with a torch optimizer, and skipping
+    PyroModule's per-parameter ``pyro.param`` statements makes each step cheaper.
     """
 
     latent_sites = ("z",)
@@ -28,17 +31,8 @@ class LatentVariableModel(PyroModule):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
 
-    def check_data(self, x: torch.Tensor) -> None:
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise DataError(
-                f"{type(self).__name__} expects data of shape (batch, {self.x_dim}), got "
-                f"{tuple(x.shape)}. Flatten each data point to {self.x_dim} features, or build "
-                f"the model for this data (x_dim={x.shape[-1] if x.dim() else '?'})."
-            )
-
     def prior(self, batch_shape=()) -> dist.Distribution:
-        zeros = torch.zeros(self.z_dim, device=self.device)
-        return dist.Normal(zeros, 1.0).expand(tuple(batch_shape) + (self.z_dim,)).to_event(1)
+        return StandardNormal(tuple(batch_shape) + (self.z_dim,), device=self.device).to_event(1)
 
     @property
     def device(self) -> torch.device:
@@ -48,7 +42,7 @@ class LatentVariableModel(PyroModule):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, **context):
-        self.check_data(x)
+        check_features(x, self.x_dim, type(self).__name__)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.prior((x.shape[0],)))
             return pyro.sample("x", self.decode(z), obs=x)

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from pyro_vae.checks import DataError
+from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.guides import GaussianGuide
+from pyro_vae.models import VAE
+from pyro_vae.objectives import Objective, SiteMismatchError, make_estimator
+from pyro_vae.registry import UnknownNameError
+from pyro_vae.run import CheckpointError, load_checkpoint, load_run, read_metrics
+from pyro_vae.train import TrainingDiverged, train
+
+
+def small_config(**kw):
+    base = dict(preset="iwae1", epochs=2, batch_size=100, train_size=2000, test_size=500, device="cpu")
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def test_training_writes_a_self_describing_run(tmp_path, small_mnist):
+    rows = train(small_config(), tmp_path, quiet=True, dataset=small_mnist)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["test_loss"] < rows[0]["test_loss"] < 250  # learning, in nats per image
+    for key in ("epoch", "train_loss", "test_loss", "epoch_time_s", "beta"):
+        assert key in rows[0]
+    assert read_metrics(tmp_path) == rows
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["x_dim"] == 784 and config["hidden"] == [200, 200] and config["z_dim"] == 50
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and "optimizer" in state and "rng" in state
+    _, model, guide = load_run(tmp_path)
+    assert isinstance(model, VAE) and isinstance(guide, GaussianGuide)
+
+
+def test_iwae1_output_bias_is_the_logit_of_the_training_mean(small_mnist):
+    config = small_config()
+    config.x_dim = 784
+    model, _ = build_model_and_guide(config, small_mnist.train_mean())
+    p = torch.sigmoid(model.decoder.out_layer.bias)
+    assert torch.allclose(p, small_mnist.train_mean().clamp(1e-3, 1 - 1e-3), atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, small_mnist):
+    full = train(small_config(epochs=3), tmp_path / "full", quiet=True, dataset=small_mnist)
+    train(small_config(epochs=2), tmp_path / "part", quiet=True, dataset=small_mnist)
+    resumed_config = small_config(epochs=3)
+    resumed = train(resumed_config, tmp_path / "part", resume=True, quiet=True, dataset=small_mnist)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    for part in ("model", "guide"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(full) == strip(resumed)
+
+
+def test_kl_warmup_is_recorded_per_epoch(tmp_path, small_mnist):
+    rows = train(small_config(epochs=3, warmup_epochs=2), tmp_path, quiet=True, dataset=small_mnist)
+    assert [r["beta"] for r in rows] == [0.5, 1.0, 1.0]
+
+
+class ExplodingVAE(VAE):
+    """Gives NaN logits from the 16th call on: a stand-in for a run that diverges."""
+
+    calls = 0
+
+    def decode(self, z):
+        ExplodingVAE.calls += 1
+        h = self.decoder(z)
+        return self.likelihood(h * float("nan") if ExplodingVAE.calls > 15 else h)
+
+
+def test_divergence_stops_with_a_diagnosis_and_keeps_the_last_good_checkpoint(tmp_path, small_mnist):
+    ExplodingVAE.calls = 0
+    config = small_config(model="test_train:ExplodingVAE", epochs=3, train_size=1000)
+    data = small_mnist
+    with pytest.raises(TrainingDiverged, match=r"epoch 2.*last good checkpoint \(epoch 1\).*--lr"):
+        train(config, tmp_path, quiet=True, dataset=type(data)(**{**data.__dict__, "train": data.train[:1000]}))
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_user_errors_name_the_problem(tmp_path, small_mnist):
+    with pytest.raises(UnknownNameError, match="Known models: .*vae"):
+        train(small_config(model="nonsense"), tmp_path, quiet=True, dataset=small_mnist)
+    with pytest.raises(UnknownNameError, match="Known estimators: .*elbo.*meanfield"):
+        make_estimator("nonsense")
+    with pytest.raises(ValueError, match="unknown preset"):
+        small_config(preset="huge")
+    with pytest.raises(DataError, match=r"GaussianGuide expects data of shape \(batch, 784\), got \(4, 100\)"):
+        Objective(VAE(), GaussianGuide(), make_estimator("elbo"))(torch.rand(4, 100))
+    with pytest.raises(DataError, match=r"bernoulli likelihood needs .* \[0, 1\].*x / 255"):
+        VAE().likelihood.check_support(torch.rand(4, 784) * 255)
+
+
+class OtherSiteGuide(GaussianGuide):
+    latent_sites = ("w",)
+
+
+def test_model_and_guide_with_different_sites_fail_at_construction():
+    with pytest.raises(SiteMismatchError, match=r"guide does not sample \['z'\].*no latent site \['w'\]"):
+        Objective(VAE(), OtherSiteGuide(), make_estimator("elbo"))
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, small_mnist):
+    train(small_config(epochs=1), tmp_path, quiet=True, dataset=small_mnist)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="damaged or not a pyro-vae checkpoint"):
+        load_run(tmp_path)
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        load_run(tmp_path / "missing")
