@@ -51,9 +51,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000) -> float:
     """The objective (at beta = 1) averaged over every row of x."""
     total = torch.zeros((), device=x.device)
-    for i in range(0, len(x), batch_size):
-        chunk = x[i : i + batch_size]
-        total += objective(chunk) * len(chunk)
+    with pyro.validation_enabled(False):
+        for i in range(0, len(x), batch_size):
+            chunk = x[i : i + batch_size]
+            total += objective(chunk) * len(chunk)
     return float(total) / len(x)
 
 
@@ -76,7 +77,16 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     """One pass over the training data; returns (mean loss, last beta, last gradient norm).
 
     Raises FloatingPointError(step, loss) when the loss is not finite (checked when read back).
+    Pyro's and torch's argument validation is off inside the loop: each check reads a tensor
+    back to the host. The data were validated once before training.
     """
+    with pyro.validation_enabled(False):
+        return _train_epoch(objective, optimizer, dataset, batch_size, schedule, epoch, clip_grad,
+                            progress, log_every, desc)
+
+
+def _train_epoch(objective, optimizer, dataset, batch_size, schedule, epoch, clip_grad, progress,
+                 log_every, desc):
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
     batches = batch_indices(len(dataset.train), batch_size, dataset.train.device)

@@ -7,8 +7,6 @@ particles (``--particles`` on the command line), vectorized.
 
 from __future__ import annotations
 
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-
 from pyro_vae.objectives.base import (
     Objective,
     SiteMismatchError,
@@ -16,6 +14,7 @@ from pyro_vae.objectives.base import (
     log_weights,
     scale_latents,
 )
+from pyro_vae.objectives.elbo import MeanFieldELBO, TraceELBO
 from pyro_vae.registry import ESTIMATORS
 
 __all__ = ["ESTIMATORS", "Objective", "SiteMismatchError", "check_pair", "log_weights",
@@ -31,13 +30,13 @@ def _pyro_elbo(cls, K: int = 1, max_plate_nesting: int = 1, **opts):
 @ESTIMATORS.register("elbo")
 def elbo(**opts):
     """Trace_ELBO: E_q[log p(x, z) - log q(z|x)] by reparameterized Monte Carlo (K particles)."""
-    return _pyro_elbo(Trace_ELBO, **opts)
+    return _pyro_elbo(TraceELBO, **opts)
 
 
 @ESTIMATORS.register("meanfield")
 def meanfield(**opts):
     """TraceMeanField_ELBO: E_q[log p(x|z)] - KL(q || p) with the KL in closed form."""
-    return _pyro_elbo(TraceMeanField_ELBO, **opts)
+    return _pyro_elbo(MeanFieldELBO, **opts)
 
 
 def _parse_value(v: str):
