@@ -48,6 +48,12 @@ class TrainConfig:
     particles: int = 1
     beta: float = 1.0
     warmup_epochs: int = 0
+    cycle_epochs: float = 0
+    cycle_ratio: float = 0.5
+    capacity: float | None = None
+    capacity_epochs: float = 0
+    gamma: float = 1000.0
+    free_bits: float = 0.0
     # optimisation
     epochs: int = 10
     batch_size: int = 100

@@ -1,7 +1,8 @@
 """The one SVI loop: every model, guide and estimator trains here.
 
 Per step: a batch from a random permutation (binarized afresh where the dataset asks),
-loss = Objective(x, beta) (the estimator's differentiable_loss per data point), backward,
+loss = objective(x, **schedule.weights(t)) (the estimator's loss per data point, with the
+KL weight beta, or the capacity C, that the schedule gives at progress t), backward,
 optional gradient clipping, optimizer step. Per epoch: the test loss, one metrics line, and
 an atomic checkpoint. Losses are read back to the host once per epoch (and every
 ``log_every`` steps while a progress bar shows), never inside the step.
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, batch_indices, load_dataset
-from pyro_vae.objectives import Objective, check_pair, make_estimator
+from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.run import (
     FIGURES,
     load_checkpoint,
@@ -95,10 +96,10 @@ def train(
     if hasattr(model, "likelihood"):
         model.likelihood.check_support(dataset.train, "training data")
         model.likelihood.check_support(dataset.test, "test data")
-    objective = Objective(model, guide, make_estimator(config.estimator, config.particles))
+    schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
+    objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
     check_pair(model, guide, dataset.train[:2])
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = KLSchedule(config.beta, config.warmup_epochs)
 
     start_epoch, metrics = 1, []
     if resume:
@@ -121,8 +122,8 @@ def train(
         grad_norm = torch.zeros((), device=device)
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
         for step, index in enumerate(bar, 1):
-            beta = schedule(epoch - 1 + step / len(batches))
-            loss = objective(dataset.batch(index), beta)
+            kl_weights = schedule.weights(epoch - 1 + step / len(batches))
+            loss = objective(dataset.batch(index), **kl_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad:
@@ -133,13 +134,13 @@ def train(
                 value = float(loss)
                 if not math.isfinite(value):
                     raise _diverged(epoch, step, value, run_dir, config)
-                bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.3g}")
+                bar.set_postfix(loss=f"{value:.2f}", **{k: f"{v:.3g}" for k, v in kl_weights.items()})
         train_loss = float(total) / len(batches)
         if not math.isfinite(train_loss):
             raise _diverged(epoch, len(batches), train_loss, run_dir, config)
         objective.eval()
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": mean_loss(objective, dataset.test),
-               "epoch_time_s": time.perf_counter() - t0, "beta": beta, "lr": config.lr}
+               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
         if dataset.valid is not None:
             row["valid_loss"] = mean_loss(objective, dataset.valid)
         if config.clip_grad:
@@ -149,11 +150,12 @@ def train(
         save_checkpoint(run_dir, {
             "model": model.state_dict(), "guide": guide.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng_state(),
-            "schedule": {"beta": beta, "progress_epochs": float(epoch)},
+            "schedule": {**kl_weights, "progress_epochs": float(epoch)},
         })
         if not quiet:
             extra = f"  valid {row['valid_loss']:.2f}" if "valid_loss" in row else ""
+            weights = "  ".join(f"{k} {v:.3g}" for k, v in kl_weights.items())
             print(f"epoch {epoch:3d}  train {train_loss:.2f}  test {row['test_loss']:.2f}{extra}  "
-                  f"beta {beta:.3g}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
+                  f"{weights}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
     return metrics
 

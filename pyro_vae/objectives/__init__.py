@@ -16,9 +16,10 @@ from pyro_vae.objectives.base import (
     log_weights,
     scale_latents,
 )
+from pyro_vae.objectives.kl_penalty import KLPenaltyObjective, kl_per_dimension, make_objective
 from pyro_vae.registry import ESTIMATORS
 
-__all__ = ["ESTIMATORS", "Objective", "SiteMismatchError", "check_pair", "log_weights",
+__all__ = ["ESTIMATORS", "KLPenaltyObjective", "Objective", "kl_per_dimension", "make_objective", "SiteMismatchError", "check_pair", "log_weights",
            "make_estimator", "parse_spec", "scale_latents"]
 
 
