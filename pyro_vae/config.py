@@ -40,6 +40,7 @@ class TrainConfig:
     hidden: list[int] = field(default_factory=lambda: [400])
     activation: str = "relu"
     likelihood: str = "bernoulli"
+    net: str = "mlp"
     init_output_bias: bool = False
     model_options: dict = field(default_factory=dict)
     guide_options: dict = field(default_factory=dict)
@@ -102,7 +103,24 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
     common = dict(x_dim=config.x_dim, z_dim=config.z_dim, hidden=list(config.hidden),
                   activation=config.activation)
     mean = train_mean if config.init_output_bias else None
-    model = MODELS.get(config.model)(**common, likelihood=config.likelihood, train_mean=mean,
-                                     **config.model_options)
-    guide = GUIDES.get(config.guide)(**common, **config.guide_options)
+    model_cls, guide_cls = MODELS.get(config.model), GUIDES.get(config.guide)
+    model = model_cls(**common, likelihood=config.likelihood, train_mean=mean,
+                      **_accepted(model_cls, _shape_options(config)), **config.model_options)
+    guide = guide_cls(**common, **_accepted(guide_cls, _shape_options(config)), **config.guide_options)
     return model, guide
+
+
+def _shape_options(config: TrainConfig) -> dict:
+    """Options a class receives where its constructor takes them: the network kind and the
+    image shape (C, H, W) of the data (for conv nets)."""
+    return {"net": config.net, "image_shape": tuple(config.image_shape) if config.image_shape else None}
+
+
+def _accepted(cls, options: dict) -> dict:
+    """The entries of ``options`` that ``cls(...)`` names or takes through ``**kwargs``."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
