@@ -66,6 +66,7 @@ class TrainConfig:
     # filled in from the data when training starts
     x_dim: int | None = None
     image_shape: list[int] | None = None
+    num_classes: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -107,13 +108,18 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
     model = model_cls(**common, likelihood=config.likelihood, train_mean=mean,
                       **_accepted(model_cls, _shape_options(config)), **config.model_options)
     guide = guide_cls(**common, **_accepted(guide_cls, _shape_options(config)), **config.guide_options)
+    missing = set(getattr(model, "context_keys", ())) - set(getattr(guide, "context_keys", ()))
+    if missing and not getattr(model, "enumerated_sites", ()):
+        raise ValueError(f"model {config.model!r} is conditioned on {sorted(missing)}, but guide "
+                         f"{config.guide!r} ignores it; use --guide conditional (q(z|x,y)).")
     return model, guide
 
 
 def _shape_options(config: TrainConfig) -> dict:
     """Options a class receives where its constructor takes them: the network kind and the
-    image shape (C, H, W) of the data (for conv nets)."""
-    return {"net": config.net, "image_shape": tuple(config.image_shape) if config.image_shape else None}
+    image shape (C, H, W) of the data (for conv nets); the number of classes (for labels as context)."""
+    return {"net": config.net, "image_shape": tuple(config.image_shape) if config.image_shape else None,
+            "num_classes": config.num_classes}
 
 
 def _accepted(cls, options: dict) -> dict:

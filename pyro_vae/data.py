@@ -68,6 +68,21 @@ class Dataset:
     def train_mean(self) -> torch.Tensor:
         return self.train.mean(0)
 
+    def context(self, keys, index: torch.Tensor | None = None, split: str = "train") -> dict:
+        """The context a conditional model asks for (``keys``, e.g. ("y",) for the labels) for
+        rows ``index`` (all rows if None) of ``split`` (train, test or valid): {"y": labels}."""
+        out = {}
+        for key in keys:
+            if key != "y":
+                raise DataError(f"the model asks for context {key!r}; datasets provide only 'y' (labels)")
+            labels = getattr(self, f"{split}_labels")
+            if labels is None:
+                raise DataError(f"the model is conditioned on labels, but the {split} data of {self.name!r} "
+                                f"has none. Use a labelled dataset (mnist, an image folder, or a .pt "
+                                f"file holding {{'x': ..., 'y': ...}}).")
+            out[key] = labels if index is None else labels[index]
+        return out
+
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training batch for ``index``, binarized afresh where the dataset asks for it."""
         x = self.train[index]

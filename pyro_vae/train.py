@@ -49,12 +49,12 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """The objective (at beta = 1) averaged over every row of x."""
+def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000, **context) -> float:
+    """The objective (at beta = 1) averaged over every row of x (and of the context tensors)."""
     total = torch.zeros((), device=x.device)
     for i in range(0, len(x), batch_size):
         chunk = x[i : i + batch_size]
-        total += objective(chunk) * len(chunk)
+        total += objective(chunk, **{k: v[i : i + batch_size] for k, v in context.items()}) * len(chunk)
     return float(total) / len(x)
 
 
@@ -91,14 +91,16 @@ def train(
                                config.train_size, config.test_size, config.image_size)
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    config.num_classes = dataset.num_classes
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
+    context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
     if hasattr(model, "likelihood"):
         model.likelihood.check_support(dataset.train, "training data")
         model.likelihood.check_support(dataset.test, "test data")
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
-    check_pair(model, guide, dataset.train[:2])
+    check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     start_epoch, metrics = 1, []
@@ -123,7 +125,7 @@ def train(
         bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
         for step, index in enumerate(bar, 1):
             kl_weights = schedule.weights(epoch - 1 + step / len(batches))
-            loss = objective(dataset.batch(index), **kl_weights)
+            loss = objective(dataset.batch(index), **kl_weights, **dataset.context(context_keys, index))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip_grad:
@@ -139,10 +141,11 @@ def train(
         if not math.isfinite(train_loss):
             raise _diverged(epoch, len(batches), train_loss, run_dir, config)
         objective.eval()
-        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": mean_loss(objective, dataset.test),
+        test_loss = mean_loss(objective, dataset.test, **dataset.context(context_keys, split="test"))
+        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
         if dataset.valid is not None:
-            row["valid_loss"] = mean_loss(objective, dataset.valid)
+            row["valid_loss"] = mean_loss(objective, dataset.valid, **dataset.context(context_keys, split="valid"))
         if config.clip_grad:
             row["grad_norm"] = float(grad_norm)
         metrics.append(row)
