@@ -17,6 +17,7 @@ TRAIN_FLAGS = {
     "train_size": (int, "use only the first N training points"),
     "test_size": (int, "use only the first N test points"),
     "image_size": (int, "resize image-folder images to N x N"),
+    "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
     "preset": (str, "architecture preset: seed (784-400-20, ReLU) or iwae1 (784-200-200-50, tanh)"),
     "model": (str, "model name (vae, linear, cvae, ...; see docs/models.md) or package.module:Class"),
     "guide": (str, "guide name (gaussian, conditional, ...; see docs/models.md) or package.module:Class"),

@@ -32,6 +32,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int | None = None
+    labels: int | None = None
     # model and guide
     preset: str | None = None
     model: str = "vae"

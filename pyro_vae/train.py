@@ -58,6 +58,14 @@ def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000, **c
     return float(total) / len(x)
 
 
+@torch.no_grad()
+def accuracy(guide, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of rows whose label the guide's classifier q(y|x) predicts."""
+    hits = sum(int((guide.classify(x[i : i + batch_size]) == labels[i : i + batch_size]).sum())
+               for i in range(0, len(x), batch_size))
+    return hits / len(x)
+
+
 def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainConfig) -> TrainingDiverged:
     hints = ["a lower --lr (now %g)" % config.lr]
     if not config.clip_grad:
@@ -92,6 +100,8 @@ def train(
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.num_classes = dataset.num_classes
+    if config.labels:
+        dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
     context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
@@ -144,6 +154,8 @@ def train(
         test_loss = mean_loss(objective, dataset.test, **dataset.context(context_keys, split="test"))
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
+        if hasattr(guide, "classify") and dataset.test_labels is not None:
+            row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
         if dataset.valid is not None:
             row["valid_loss"] = mean_loss(objective, dataset.valid, **dataset.context(context_keys, split="valid"))
         if config.clip_grad:

@@ -7,7 +7,10 @@ particles (``--particles`` on the command line), vectorized.
 
 from __future__ import annotations
 
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+import warnings
+
+import torch
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from pyro_vae.objectives.base import (
     Objective,
@@ -39,6 +42,25 @@ def elbo(**opts):
 def meanfield(**opts):
     """TraceMeanField_ELBO: E_q[log p(x|z)] - KL(q || p) with the KL in closed form."""
     return _pyro_elbo(TraceMeanField_ELBO, **opts)
+
+
+class _TraceEnumELBO(TraceEnum_ELBO):
+    """TraceEnum_ELBO whose ``differentiable_loss`` also answers under ``torch.no_grad()`` (for
+    test losses) and with nothing to enumerate (a fully labelled batch)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no sample sites configured for enumeration")
+            if torch.is_grad_enabled():
+                return super().differentiable_loss(model, guide, *args, **kwargs)
+            return torch.as_tensor(self.loss(model, guide, *args, **kwargs), device=args[0].device)
+
+
+@ESTIMATORS.register("enum")
+def enum(**opts):
+    """TraceEnum_ELBO: the ELBO with discrete latent sites marked ``infer={"enumerate":
+    "parallel"}`` summed out exactly (the label of the semi-supervised ssvae)."""
+    return _pyro_elbo(_TraceEnumELBO, **opts)
 
 
 def _parse_value(v: str):
