@@ -109,6 +109,8 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
     model = model_cls(**common, likelihood=config.likelihood, train_mean=mean,
                       **_accepted(model_cls, _shape_options(config)), **config.model_options)
     guide = guide_cls(**common, **_accepted(guide_cls, _shape_options(config)), **config.guide_options)
+    if hasattr(model, "tie"):  # models that use the guide, e.g. the VampPrior's q(z|u_k)
+        model.tie(guide)
     missing = set(getattr(model, "context_keys", ())) - set(getattr(guide, "context_keys", ()))
     if missing and not getattr(model, "enumerated_sites", ()):
         raise ValueError(f"model {config.model!r} is conditioned on {sorted(missing)}, but guide "

@@ -3,6 +3,7 @@
 from pyro_vae.guides.gaussian import GaussianGuide
 from pyro_vae.guides.conditional import ConditionalGaussianGuide
 from pyro_vae.guides.ssvae import SSVAEGuide
+from pyro_vae.guides.flows import IAFGuide, LowRankGuide
 from pyro_vae.registry import GUIDES
 
-__all__ = ["ConditionalGaussianGuide", "GUIDES", "SSVAEGuide", "GaussianGuide"]
+__all__ = ["ConditionalGaussianGuide", "GUIDES", "IAFGuide", "LowRankGuide", "SSVAEGuide", "GaussianGuide"]

@@ -3,6 +3,7 @@
 from pyro_vae.models.vae import VAE, LatentVariableModel, LinearGaussian
 from pyro_vae.models.cvae import CVAE
 from pyro_vae.models.ssvae import SSVAE
+from pyro_vae.models.priors import MixturePriorVAE, VampPriorVAE
 from pyro_vae.registry import MODELS
 
-__all__ = ["CVAE", "MODELS", "SSVAE", "VAE", "LatentVariableModel", "LinearGaussian"]
+__all__ = ["CVAE", "MODELS", "MixturePriorVAE", "SSVAE", "VampPriorVAE", "VAE", "LatentVariableModel", "LinearGaussian"]
