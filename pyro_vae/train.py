@@ -1,7 +1,8 @@
 """The one SVI loop: every model, guide and estimator trains here.
 
 Per step: a batch from a random permutation (binarized afresh where the dataset asks),
-loss = Objective(x, beta) (the estimator's differentiable_loss per data point), backward,
+loss = objective(x, **schedule.weights(t)) (the estimator's loss per data point, with the
+KL weight beta, or the capacity C, that the schedule gives at progress t), backward,
 optional gradient clipping, optimizer step. Per epoch: the test loss, one metrics line, and
 an atomic checkpoint. Losses are read back to the host once per epoch (and every
 ``log_every`` steps while a progress bar shows), never inside the step.
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, batch_indices, load_dataset
-from pyro_vae.objectives import Objective, check_pair, make_estimator
+from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.run import (
     FIGURES,
     load_checkpoint,
@@ -48,14 +49,22 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000) -> float:
-    """The objective (at beta = 1) averaged over every row of x."""
+def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000, **context) -> float:
+    """The objective (at beta = 1) averaged over every row of x (and of the context tensors)."""
     total = torch.zeros((), device=x.device)
     with pyro.validation_enabled(False):
         for i in range(0, len(x), batch_size):
             chunk = x[i : i + batch_size]
-            total += objective(chunk) * len(chunk)
+            total += objective(chunk, **{k: v[i : i + batch_size] for k, v in context.items()}) * len(chunk)
     return float(total) / len(x)
+
+
+@torch.no_grad()
+def accuracy(guide, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of rows whose label the guide's classifier q(y|x) predicts."""
+    hits = sum(int((guide.classify(x[i : i + batch_size]) == labels[i : i + batch_size]).sum())
+               for i in range(0, len(x), batch_size))
+    return hits / len(x)
 
 
 def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainConfig) -> TrainingDiverged:
@@ -71,46 +80,41 @@ def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainCo
     )
 
 
+
 def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedule, epoch: int,
-                clip_grad: float | None = None, progress: bool = False, log_every: int = 50,
-                desc: str = "") -> tuple[float, float, float | None]:
-    """One pass over the training data; returns (mean loss, last beta, last gradient norm).
+                clip_grad: float | None = None, context_keys=(), progress: bool = False,
+                log_every: int = 50, desc: str = "") -> tuple[float, dict, float | None]:
+    """One pass over the training data; returns (mean loss, last KL weights, last gradient norm).
 
     Raises FloatingPointError(step, loss) when the loss is not finite (checked when read back).
     Pyro's and torch's argument validation is off inside the loop: each check reads a tensor
     back to the host. The data were validated once before training.
     """
-    with pyro.validation_enabled(False):
-        return _train_epoch(objective, optimizer, dataset, batch_size, schedule, epoch, clip_grad,
-                            progress, log_every, desc)
-
-
-def _train_epoch(objective, optimizer, dataset, batch_size, schedule, epoch, clip_grad, progress,
-                 log_every, desc):
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
     batches = batch_indices(len(dataset.train), batch_size, dataset.train.device)
     total = torch.zeros((), device=dataset.train.device)
     grad_norm = None
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-    for step, index in enumerate(bar, 1):
-        beta = schedule(epoch - 1 + step / len(batches))
-        loss = objective(dataset.batch(index), beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        optimizer.step()
-        total += loss.detach()
-        if progress and step % log_every == 0:
-            value = float(loss)
-            if not math.isfinite(value):
-                raise FloatingPointError(step, value)
-            bar.set_postfix(loss=f"{value:.2f}", beta=f"{beta:.3g}")
+    with pyro.validation_enabled(False):
+        for step, index in enumerate(bar, 1):
+            kl_weights = schedule.weights(epoch - 1 + step / len(batches))
+            loss = objective(dataset.batch(index), **kl_weights, **dataset.context(context_keys, index))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            optimizer.step()
+            total += loss.detach()
+            if progress and step % log_every == 0:
+                value = float(loss)
+                if not math.isfinite(value):
+                    raise FloatingPointError(step, value)
+                bar.set_postfix(loss=f"{value:.2f}", **{k: f"{v:.3g}" for k, v in kl_weights.items()})
     mean = float(total) / len(batches)
     if not math.isfinite(mean):
         raise FloatingPointError(len(batches), mean)
-    return mean, beta, (None if grad_norm is None else float(grad_norm))
+    return mean, kl_weights, (None if grad_norm is None else float(grad_norm))
 
 
 def train(
@@ -133,15 +137,19 @@ def train(
                                config.train_size, config.test_size, config.image_size)
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    config.num_classes = dataset.num_classes
+    if config.labels:
+        dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
+    context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
     if hasattr(model, "likelihood"):
         model.likelihood.check_support(dataset.train, "training data")
         model.likelihood.check_support(dataset.test, "test data")
-    objective = Objective(model, guide, make_estimator(config.estimator, config.particles))
-    check_pair(model, guide, dataset.train[:2])
+    schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
+    objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = KLSchedule(config.beta, config.warmup_epochs)
 
     start_epoch, metrics = 1, []
     if resume:
@@ -158,17 +166,19 @@ def train(
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         try:
-            train_loss, beta, grad_norm = train_epoch(objective, optimizer, dataset, config.batch_size,
-                                                      schedule, epoch, config.clip_grad,
-                                                      progress=show, log_every=log_every,
-                                                      desc=f"epoch {epoch}/{config.epochs}")
+            train_loss, kl_weights, grad_norm = train_epoch(
+                objective, optimizer, dataset, config.batch_size, schedule, epoch, config.clip_grad,
+                context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}")
         except FloatingPointError as e:
             raise _diverged(epoch, e.args[0], e.args[1], run_dir, config) from None
         objective.eval()
-        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": mean_loss(objective, dataset.test),
-               "epoch_time_s": time.perf_counter() - t0, "beta": beta, "lr": config.lr}
+        test_loss = mean_loss(objective, dataset.test, **dataset.context(context_keys, split="test"))
+        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
+        if hasattr(guide, "classify") and dataset.test_labels is not None:
+            row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
         if dataset.valid is not None:
-            row["valid_loss"] = mean_loss(objective, dataset.valid)
+            row["valid_loss"] = mean_loss(objective, dataset.valid, **dataset.context(context_keys, split="valid"))
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         metrics.append(row)
@@ -176,11 +186,12 @@ def train(
         save_checkpoint(run_dir, {
             "model": model.state_dict(), "guide": guide.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng_state(),
-            "schedule": {"beta": beta, "progress_epochs": float(epoch)},
+            "schedule": {**kl_weights, "progress_epochs": float(epoch)},
         })
         if not quiet:
             extra = f"  valid {row['valid_loss']:.2f}" if "valid_loss" in row else ""
+            weights = "  ".join(f"{k} {v:.3g}" for k, v in kl_weights.items())
             print(f"epoch {epoch:3d}  train {train_loss:.2f}  test {row['test_loss']:.2f}{extra}  "
-                  f"beta {beta:.3g}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
+                  f"{weights}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
     return metrics
 

@@ -17,7 +17,7 @@ from pyro_vae.registry import GUIDES
 
 @GUIDES.register("gaussian")
 class GaussianGuide(nn.Module):
-    """q(z|x) = N(mu(x), diag sigma(x)^2) with an MLP encoder (Kingma & Welling 2014)."""
+    """q(z|x) = N(mu(x), diag sigma(x)^2) with an MLP (or ``net="conv"``) encoder (Kingma & Welling 2014)."""
 
     latent_sites = ("z",)
 
@@ -27,11 +27,13 @@ class GaussianGuide(nn.Module):
         z_dim: int = 20,
         hidden: Sequence[int] = (400,),
         activation: str = "relu",
+        net: str = "mlp",
+        image_shape: Sequence[int] | None = None,
         **_,
     ):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.encoder = GaussianHead([x_dim, *hidden, z_dim], activation)
+        self.encoder = GaussianHead([x_dim, *hidden, z_dim], activation, net=net, image_shape=image_shape)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.encoder(x)

@@ -12,7 +12,7 @@ from torch import nn
 from pyro_vae.checks import check_features
 from pyro_vae.distributions import StandardNormal
 from pyro_vae.likelihoods import make_likelihood
-from pyro_vae.nets import MLP
+from pyro_vae.nets import decoder_net
 from pyro_vae.registry import MODELS
 
 
@@ -56,7 +56,8 @@ class LatentVariableModel(nn.Module):
 
 @MODELS.register("vae")
 class VAE(LatentVariableModel):
-    """p(z) = N(0, I), p(x|z) = likelihood(MLP(z)) (Kingma & Welling 2014)."""
+    """p(z) = N(0, I), p(x|z) = likelihood(decoder(z)) (Kingma & Welling 2014); the decoder is an
+    MLP, or with ``net="conv"`` transposed convolutions to images of ``image_shape``."""
 
     def __init__(
         self,
@@ -66,12 +67,14 @@ class VAE(LatentVariableModel):
         activation: str = "relu",
         likelihood: str = "bernoulli",
         train_mean: torch.Tensor | None = None,
+        net: str = "mlp",
+        image_shape: Sequence[int] | None = None,
     ):
         super().__init__(x_dim, z_dim)
         self.likelihood = make_likelihood(likelihood, x_dim)
-        self.decoder = MLP([z_dim, *hidden, self.likelihood.out_features()], activation)
+        self.decoder = decoder_net(net, z_dim, self.likelihood.out_features(), hidden, activation, image_shape)
         if train_mean is not None:
-            self.likelihood.init_bias(self.decoder.out_layer.bias, train_mean)
+            self.likelihood.init_bias(self.decoder.out_bias, train_mean)
 
     def decode(self, z):
         return self.likelihood(self.decoder(z))

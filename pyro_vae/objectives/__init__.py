@@ -7,6 +7,11 @@ particles (``--particles`` on the command line), vectorized.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+from pyro.infer import TraceEnum_ELBO
+
 from pyro_vae.objectives.base import (
     Objective,
     SiteMismatchError,
@@ -15,9 +20,10 @@ from pyro_vae.objectives.base import (
     scale_latents,
 )
 from pyro_vae.objectives.elbo import MeanFieldELBO, TraceELBO
+from pyro_vae.objectives.kl_penalty import KLPenaltyObjective, kl_per_dimension, make_objective
 from pyro_vae.registry import ESTIMATORS
 
-__all__ = ["ESTIMATORS", "Objective", "SiteMismatchError", "check_pair", "log_weights",
+__all__ = ["ESTIMATORS", "KLPenaltyObjective", "Objective", "kl_per_dimension", "make_objective", "SiteMismatchError", "check_pair", "log_weights",
            "make_estimator", "parse_spec", "scale_latents"]
 
 
@@ -37,6 +43,25 @@ def elbo(**opts):
 def meanfield(**opts):
     """TraceMeanField_ELBO: E_q[log p(x|z)] - KL(q || p) with the KL in closed form."""
     return _pyro_elbo(MeanFieldELBO, **opts)
+
+
+class _TraceEnumELBO(TraceEnum_ELBO):
+    """TraceEnum_ELBO whose ``differentiable_loss`` also answers under ``torch.no_grad()`` (for
+    test losses) and with nothing to enumerate (a fully labelled batch)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no sample sites configured for enumeration")
+            if torch.is_grad_enabled():
+                return super().differentiable_loss(model, guide, *args, **kwargs)
+            return torch.as_tensor(self.loss(model, guide, *args, **kwargs), device=args[0].device)
+
+
+@ESTIMATORS.register("enum")
+def enum(**opts):
+    """TraceEnum_ELBO: the ELBO with discrete latent sites marked ``infer={"enumerate":
+    "parallel"}`` summed out exactly (the label of the semi-supervised ssvae)."""
+    return _pyro_elbo(_TraceEnumELBO, **opts)
 
 
 def _parse_value(v: str):

@@ -1,0 +1,135 @@
+"""ELBO objectives that penalise the KL itself: capacity annealing and free bits.
+
+Both split the ELBO into E_q[log p(x|z)] - KL(q(z|x) || p(z)) and replace the KL term:
+
+- capacity (Burgess et al. 2018, "Understanding disentangling in beta-VAE"):
+  loss = -E_q[log p(x|z)] + gamma * |KL - C|, with C raised during training;
+- free bits (Kingma et al. 2016, "Improved variational inference with IAF", eq. 15):
+  loss = -E_q[log p(x|z)] + beta * sum_j max(lambda, E_x[KL_j]), KL_j the KL of latent
+  dimension j averaged over the batch, so the KL term never pushes a dimension below lambda.
+
+The KL is in closed form where torch knows it (as in TraceMeanField_ELBO), else a Monte Carlo
+estimate log q(z) - log p(z) from the same particles. Per-dimension KLs (free bits) need prior
+and guide that factorize over dimensions (``Independent``). The ELBO split exists only for the
+ELBO estimators (``elbo``, ``meanfield``); importance-weighted bounds have no separate KL term,
+so asking for these penalties with them is an error. With no penalty given (beta = 1,
+capacity None, free_bits 0), ``forward`` is the negative ELBO, which the loop reports as loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Independent
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence
+
+from pyro_vae.objectives.base import Objective, _to_particle_data_shape, site_log_prob, traces
+
+
+class KLNotAvailableError(ValueError):
+    """A KL term the configured estimator, prior or guide cannot provide."""
+
+
+def _unexpand(d):
+    while isinstance(d, ExpandedDistribution):
+        d = d.base_dist
+    return d
+
+
+def _factors(d):
+    """The per-dimension factors of ``d`` (event dims moved to batch), or None if it has none."""
+    d = _unexpand(d)
+    if len(d.event_shape) == 0:
+        return None
+    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == len(d.event_shape) == 1:
+        return _unexpand(d.base_dist)
+    return None
+
+
+def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tensor:
+    """KL(q || p) of every latent site, a tensor (particles, batch, dims).
+
+    ``per_dimension``: one column per latent dimension (needs factorized q and p), else one
+    column per latent site.
+    """
+    columns = []
+    for name, q_site in guide_trace.nodes.items():
+        if q_site["type"] != "sample" or q_site["is_observed"] or site_is_subsample(q_site):
+            continue
+        q, p, z = q_site["fn"], model_trace.nodes[name]["fn"], q_site["value"]
+        qf, pf = _factors(q), _factors(p)
+        if qf is not None and pf is not None:
+            try:
+                kl = kl_divergence(qf, pf)
+            except NotImplementedError:
+                kl = qf.log_prob(z) - pf.log_prob(z)
+            kl = kl.expand(z.shape)
+            columns.append(kl if per_dimension else kl.sum(-1, keepdim=True))
+            continue
+        if per_dimension and len(q.event_shape) > 0:
+            raise KLNotAvailableError(
+                f"free bits need the KL of each latent dimension, but site {name!r} has guide "
+                f"{type(_unexpand(q)).__name__} and prior {type(_unexpand(p)).__name__}, which do not "
+                f"factorize over dimensions. Use --capacity (a floor on the total KL is not free "
+                f"bits) or --beta with this model and guide, or a factorized prior and guide."
+            )
+        try:
+            kl = kl_divergence(_unexpand(q), _unexpand(p))
+        except NotImplementedError:
+            kl = q.log_prob(z) - p.log_prob(z)
+        columns.append(kl.expand(z.shape[: z.dim() - len(q.event_shape)]).unsqueeze(-1))
+    return torch.cat(columns, dim=-1)
+
+
+def check_elbo_estimator(estimator) -> None:
+    if not isinstance(estimator, Trace_ELBO):
+        raise KLNotAvailableError(
+            f"capacity annealing and free bits replace the KL term of the ELBO E_q[log p(x|z)] - "
+            f"KL(q || p), but the estimator {type(estimator).__name__} has no separate KL term. "
+            f"Use --estimator elbo or meanfield with them, or weight the KL with --beta, "
+            f"--warmup-epochs or --cycle-epochs, which work with every estimator."
+        )
+
+
+class KLPenaltyObjective(Objective):
+    """-E_q[log p(x|z)] + penalty(KL), per data point: the objective for capacity and free bits.
+
+    ``forward(x, beta=1, capacity=None, free_bits=0)``: with ``capacity`` C the penalty is
+    gamma * |E_x KL - C|; otherwise beta * sum_j max(free_bits, E_x KL_j).
+    """
+
+    def __init__(self, model, guide, estimator, gamma: float = 1000.0):
+        check_elbo_estimator(estimator)
+        super().__init__(model, guide, estimator)
+        self.gamma = gamma
+
+    def forward(self, x, beta: float = 1.0, capacity: float | None = None, free_bits: float = 0.0,
+                **context):
+        k = self.estimator.num_particles
+        model_trace, guide_trace = traces(self.model, self.guide, x, k, **context)
+        log_lik = sum(_to_particle_data_shape(site_log_prob(s), k, x.shape[0])
+                      for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
+        kl = kl_terms(model_trace, guide_trace, per_dimension=free_bits > 0)
+        kl = kl.reshape(-1, kl.shape[-1]).mean(0)  # E over particles and the batch, per column
+        if capacity is not None:
+            penalty = self.gamma * (kl.sum() - capacity).abs()
+        else:
+            penalty = beta * kl.clamp(min=free_bits).sum()
+        return -log_lik.mean() + penalty
+
+
+def make_objective(model, guide, estimator, schedule=None) -> Objective:
+    """The objective the schedule needs: ``KLPenaltyObjective`` for capacity or free bits, else
+    the plain ``Objective`` (beta on the latent sites, any estimator)."""
+    if schedule is not None and schedule.needs_kl:
+        return KLPenaltyObjective(model, guide, estimator, gamma=schedule.gamma)
+    return Objective(model, guide, estimator)
+
+
+@torch.no_grad()
+def kl_per_dimension(model, guide, x, num_particles: int = 1, **context) -> torch.Tensor:
+    """E_x KL(q(z_j|x) || p(z_j)) for each latent dimension j, a tensor (dims,) in nats."""
+    kl = kl_terms(*traces(model, guide, x, num_particles, **context), per_dimension=True)
+    return kl.reshape(-1, kl.shape[-1]).mean(0)
