@@ -29,6 +29,7 @@ from reference_torch import train_epoch as reference_epoch  # noqa: E402
 from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import load_dataset  # noqa: E402
 from pyro_vae.objectives import ESTIMATORS, Objective, make_estimator, parse_spec  # noqa: E402
+from pyro_vae.objectives.traced import TracedObjective  # noqa: E402
 from pyro_vae.schedules import KLSchedule  # noqa: E402
 from pyro_vae.train import resolve_device, train_epoch  # noqa: E402
 
@@ -54,13 +55,16 @@ def machine() -> dict:
     return info
 
 
-def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, lr=1e-3, seed=0) -> dict:
+def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, jit=False, lr=1e-3,
+            seed=0) -> dict:
     name, opts = parse_spec(spec)
     k = int(opts.get("K", 1))
     config = TrainConfig.from_dict(dict(preset=preset, estimator=spec, x_dim=data.x_dim))
     torch.manual_seed(seed)
     model, guide = build_model_and_guide(config, data.train_mean())
     objective = Objective(model.to(device), guide.to(device), make_estimator(spec))
+    if jit:
+        objective = TracedObjective(objective)
     optimizer = torch.optim.Adam(objective.parameters(), lr=lr)
     schedule = KLSchedule()
     p = PRESETS[preset]
@@ -71,13 +75,18 @@ def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, 
 
     tk, ref = [], []
     for epoch in range(epochs + 1):  # epoch 0 warms up both
-        t_tk = timed(lambda: train_epoch(objective, optimizer, data, batch_size, schedule, epoch + 1), device)
+        t_tk = timed(lambda e=epoch: train_epoch(objective, optimizer, data, batch_size, schedule, e + 1), device)
         t_ref = timed(lambda: reference_epoch(vae, ref_optimizer, data, batch_size, ref_loss), device)
         if epoch:
             tk.append(t_tk), ref.append(t_ref)
     a, b = statistics.median(tk), statistics.median(ref)
-    return {"preset": preset, "estimator": spec, "batch_size": batch_size, "toolkit_s": a,
+    return {"preset": preset, "estimator": spec, "jit": jit, "batch_size": batch_size, "toolkit_s": a,
             "reference_s": b, "ratio": a / b, "epochs_timed": epochs}
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['preset']} | {r['estimator']} | {'jit' if r['jit'] else 'eager'} | {r['batch_size']} | "
+            f"{r['toolkit_s']:.3f} | {r['reference_s']:.3f} | {r['ratio']:.3f} |")
 
 
 def main(argv=None):
@@ -85,6 +94,8 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["seed", "iwae1"])
     p.add_argument("--estimators", nargs="+", default=["elbo", "meanfield", "iwae:K=50"])
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--modes", nargs="+", default=["eager", "jit"], choices=["eager", "jit"],
+                   help="toolkit as is, and with --jit (the traced objective)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after one warm-up)")
     p.add_argument("--train-size", type=int, default=None, help="default: all 60,000 images")
     p.add_argument("--device", default="auto")
@@ -94,26 +105,25 @@ def main(argv=None):
     device = resolve_device(args.device)
     data = load_dataset("binarized-mnist", device, train_size=args.train_size, test_size=1)
     rows = []
-    print("| preset | estimator | batch | pyro-vae s/epoch | PyTorch s/epoch | ratio |")
-    print("|---|---|---|---|---|---|")
+    header = ["| preset | estimator | mode | batch | pyro-vae s/epoch | PyTorch s/epoch | ratio |",
+              "|---|---|---|---|---|---|---|"]
+    print("\n".join(header))
     for preset in args.presets:
         for spec in args.estimators:
             if parse_spec(spec)[0] not in ESTIMATORS:
                 print(f"| {preset} | {spec} | skipped: estimator not available |", file=sys.stderr)
                 continue
-            r = measure(data, preset, spec, args.batch_size, args.epochs, device)
-            rows.append(r)
-            print(f"| {preset} | {spec} | {args.batch_size} | {r['toolkit_s']:.3f} | {r['reference_s']:.3f} "
-                  f"| {r['ratio']:.3f} |", flush=True)
+            for mode in args.modes:
+                r = measure(data, preset, spec, args.batch_size, args.epochs, device, jit=mode == "jit")
+                rows.append(r)
+                print(_row(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"overhead-{device.type}"
     result = {"machine": machine(), "device": str(device), "train_size": len(data.train), "rows": rows}
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# {tag}", "", f"machine: {json.dumps(result['machine'])}", "",
-             "| preset | estimator | batch | pyro-vae s/epoch | PyTorch s/epoch | ratio |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['estimator']} | {r['batch_size']} | {r['toolkit_s']:.3f} | "
-              f"{r['reference_s']:.3f} | {r['ratio']:.3f} |" for r in rows]
+    lines = [f"# {tag}", "", f"machine: {json.dumps(result['machine'])}", "", *header]
+    lines += [_row(r) for r in rows]
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
 

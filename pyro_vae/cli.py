@@ -42,6 +42,7 @@ TRAIN_FLAGS = {
     "weight_decay": (float, "Adam weight decay"),
     "clip_grad": (float, "clip the gradient norm to this value"),
     "seed": (int, "random seed (identical runs on CPU)"),
+    "jit": (bool, "trace the objective once and replay it (faster steps; same values)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
 }
 

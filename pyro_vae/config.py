@@ -65,6 +65,7 @@ class TrainConfig:
     clip_grad: float | None = None
     seed: int = 0
     device: str = "auto"
+    jit: bool = False
     # filled in from the data when training starts
     x_dim: int | None = None
     image_shape: list[int] | None = None

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, batch_indices, load_dataset
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
+from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.run import (
     FIGURES,
     load_checkpoint,
@@ -148,12 +149,14 @@ def train(
         model.likelihood.check_support(dataset.test, "test data")
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    if config.jit:
+        objective = TracedObjective(objective)
     check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     start_epoch, metrics = 1, []
     if resume:
-        state = load_checkpoint(run_dir, map_location=device)
+        state = load_checkpoint(run_dir)  # on the CPU (RNG states must be); load_state_dict moves
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         optimizer.load_state_dict(state["optimizer"])

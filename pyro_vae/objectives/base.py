@@ -33,8 +33,9 @@ class ScaleLatents(Messenger):
             msg["scale"] = self.beta * msg["scale"]
 
 
-def scale_latents(fn, beta: float):
-    return fn if beta == 1.0 else ScaleLatents(beta)(fn)
+def scale_latents(fn, beta):
+    """``fn`` with latent sites scaled by ``beta`` (a number, or a tensor under --jit)."""
+    return fn if isinstance(beta, (int, float)) and beta == 1.0 else ScaleLatents(beta)(fn)
 
 
 def latent_site_names(fn, *args, **kwargs) -> list[str]:
