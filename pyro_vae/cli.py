@@ -72,9 +72,30 @@ def _train_config(args):
     return TrainConfig.from_dict(given)
 
 
+def _launch_torchrun(args) -> int:
+    """`pyro-vae train --nproc N ...`: start N processes of the same command through torchrun."""
+    import os
+    import subprocess
+
+    argv = list(args.argv)
+    i = argv.index("--nproc")
+    del argv[i : i + 2]
+    if not args.resume and not args.out:  # every rank must agree on the run directory
+        argv += ["--out", f"runs/{time.strftime('%Y%m%d-%H%M%S')}-ddp{args.nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+           "-m", "pyro_vae", *argv]
+    print("launching:", " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def cmd_train(args) -> int:
+    import os
+
     from pyro_vae.run import load_config
     from pyro_vae.train import train
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
 
     if args.resume:
         config = load_config(args.resume)
@@ -87,10 +108,17 @@ def cmd_train(args) -> int:
         run_dir = Path(args.out or f"runs/{config.model}-{config.estimator.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         train(config, run_dir, resume=bool(args.resume), quiet=args.quiet)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved in {run_dir}; continue with "
               f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(f"run directory: {run_dir}")
     return 0
 
@@ -193,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/MODEL-ESTIMATOR-TIME)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN (--epochs may extend it)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument("--nproc", type=int, help="train with N processes (DistributedDataParallel through "
+                   "torchrun; gloo on CPU, nccl on CUDA). Multi-node: run torchrun yourself")
     t.set_defaults(func=cmd_train)
 
     def run_parser(name, help_, func):
@@ -231,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from pyro_vae.errors import USER_ERRORS
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -107,9 +107,11 @@ class Dataset:
         return torch.bernoulli(x) if self.binarize else x
 
 
-def batch_indices(n: int, batch_size: int, device, drop_last: bool = False) -> list[torch.Tensor]:
-    """One epoch of batches: slices of a fresh random permutation (global torch RNG)."""
-    perm = torch.randperm(n, device=device)
+def batch_indices(n: int, batch_size: int, device, drop_last: bool = False,
+                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One epoch of batches: slices of a fresh random permutation (of ``generator``, else the
+    global torch RNG)."""
+    perm = torch.randperm(n, device=device, generator=generator)
     stop = n - n % batch_size if drop_last else n
     return [perm[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, batch_indices, load_dataset
+from pyro_vae.distributed import SINGLE, World
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.run import (
@@ -60,6 +62,14 @@ def mean_loss(objective: Objective, x: torch.Tensor, batch_size: int = 1000, **c
     return float(total) / len(x)
 
 
+def _sharded_loss(objective, dataset: Dataset, split: str, context_keys, world: World) -> float:
+    """mean_loss over this rank's rows of a split, averaged over ranks by row count."""
+    x = getattr(dataset, split)
+    rows = torch.arange(world.rank, len(x), world.size, device=x.device)
+    context = {k: v[rows] for k, v in dataset.context(context_keys, split=split).items()}
+    return world.weighted_mean(mean_loss(objective, x[rows], **context), len(rows))
+
+
 @torch.no_grad()
 def accuracy(guide, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
     """Fraction of rows whose label the guide's classifier q(y|x) predicts."""
@@ -84,8 +94,12 @@ def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainCo
 
 def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedule, epoch: int,
                 clip_grad: float | None = None, context_keys=(), progress: bool = False,
-                log_every: int = 50, desc: str = "") -> tuple[float, dict, float | None]:
+                log_every: int = 50, desc: str = "", seed: int = 0,
+                world: World = SINGLE) -> tuple[float, dict, float | None]:
     """One pass over the training data; returns (mean loss, last KL weights, last gradient norm).
+
+    The epoch's permutation comes from (seed, epoch) alone, so every process of a distributed
+    run cuts the same global batches and each takes its own shard of each.
 
     Raises FloatingPointError(step, loss) when the loss is not finite (checked when read back).
     Pyro's and torch's argument validation is off inside the loop: each check reads a tensor
@@ -93,12 +107,14 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     """
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
-    batches = batch_indices(len(dataset.train), batch_size, dataset.train.device)
+    batches = batch_indices(len(dataset.train), batch_size, dataset.train.device,
+                            generator=epoch_generator(seed, epoch, dataset.train.device))
     total = torch.zeros((), device=dataset.train.device)
     grad_norm = None
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     with pyro.validation_enabled(False):
         for step, index in enumerate(bar, 1):
+            index = world.shard(index)
             kl_weights = schedule.weights(epoch - 1 + step / len(batches))
             loss = objective(dataset.batch(index), **kl_weights, **dataset.context(context_keys, index))
             optimizer.zero_grad(set_to_none=True)
@@ -118,6 +134,11 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     return mean, kl_weights, (None if grad_norm is None else float(grad_norm))
 
 
+def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
+    """The random source of one epoch's data order: a function of (seed, epoch) only."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
 def train(
     config: TrainConfig,
     run_dir: str | Path,
@@ -126,11 +147,17 @@ def train(
     dataset: Dataset | None = None,
     log_every: int = 50,
 ) -> list[dict]:
-    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns the metrics rows."""
+    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns the metrics rows.
+
+    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    """
     run_dir = Path(run_dir)
-    (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    pyro.set_rng_seed(config.seed)
+    world = World.from_env(device)
+    device = world.device(device)
+    if world.is_main:
+        (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
+    pyro.set_rng_seed(config.seed + world.rank)  # latent noise and binarization differ per rank
     pyro.clear_param_store()
 
     if dataset is None:
@@ -153,6 +180,9 @@ def train(
         objective = TracedObjective(objective)
     check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    evaluator = objective
+    if world.size > 1:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_epoch, metrics = 1, []
     if resume:
@@ -160,38 +190,44 @@ def train(
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
-    save_config(run_dir, config)
+    if world.is_main:
+        save_config(run_dir, config)
 
-    show = not quiet and sys.stderr.isatty()
+    show = not quiet and world.is_main and sys.stderr.isatty()
     for epoch in range(start_epoch, config.epochs + 1):
         t0 = time.perf_counter()
         try:
             train_loss, kl_weights, grad_norm = train_epoch(
                 objective, optimizer, dataset, config.batch_size, schedule, epoch, config.clip_grad,
-                context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}")
+                context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}",
+                seed=config.seed, world=world)
         except FloatingPointError as e:
             raise _diverged(epoch, e.args[0], e.args[1], run_dir, config) from None
-        objective.eval()
-        test_loss = mean_loss(objective, dataset.test, **dataset.context(context_keys, split="test"))
+        train_loss = world.weighted_mean(train_loss, 1.0)
+        evaluator.eval()
+        test_loss = _sharded_loss(evaluator, dataset, "test", context_keys, world)
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
         if hasattr(guide, "classify") and dataset.test_labels is not None:
             row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
         if dataset.valid is not None:
-            row["valid_loss"] = mean_loss(objective, dataset.valid, **dataset.context(context_keys, split="valid"))
+            row["valid_loss"] = _sharded_loss(evaluator, dataset, "valid", context_keys, world)
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
         metrics.append(row)
-        write_metrics(run_dir, metrics)
-        save_checkpoint(run_dir, {
-            "model": model.state_dict(), "guide": guide.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng_state(),
-            "schedule": {**kl_weights, "progress_epochs": float(epoch)},
-        })
-        if not quiet:
+        rng = world.gather(rng_state())  # one state per rank: a resumed run draws what it would have
+        if world.is_main:
+            write_metrics(run_dir, metrics)
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "guide": guide.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
+                "schedule": {**kl_weights, "progress_epochs": float(epoch)},
+            })
+        world.barrier()
+        if not quiet and world.is_main:
             extra = f"  valid {row['valid_loss']:.2f}" if "valid_loss" in row else ""
             weights = "  ".join(f"{k} {v:.3g}" for k, v in kl_weights.items())
             print(f"epoch {epoch:3d}  train {train_loss:.2f}  test {row['test_loss']:.2f}{extra}  "
