@@ -44,6 +44,7 @@ TRAIN_FLAGS = {
     "seed": (int, "random seed (identical runs on CPU)"),
     "jit": (bool, "trace the objective once and replay it (faster steps; same values)"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
+    "tensorboard": (bool, "also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)"),
 }
 
 

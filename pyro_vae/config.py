@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     jit: bool = False
+    tensorboard: bool = False
     # filled in from the data when training starts
     x_dim: int | None = None
     image_shape: list[int] | None = None

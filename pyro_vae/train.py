@@ -134,6 +134,32 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     return mean, kl_weights, (None if grad_norm is None else float(grad_norm))
 
 
+class TensorBoard:
+    """``--tensorboard``: every numeric metric per epoch, and a grid of samples from the prior."""
+
+    def __init__(self, run_dir: Path, image_shape):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or train without --tensorboard; metrics.jsonl has the same figures)") from None
+        self.writer, self.image_shape = SummaryWriter(str(run_dir / "tensorboard")), image_shape
+
+    def log(self, epoch: int, row: dict, model) -> None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, epoch)
+        if self.image_shape and hasattr(model, "sample"):
+            from torchvision.utils import make_grid
+
+            try:
+                images = model.sample(64).reshape(-1, *self.image_shape).clamp(0, 1)
+            except TypeError:  # conditional models need their context to sample
+                return
+            self.writer.add_image("samples", make_grid(images, nrow=8), epoch)
+        self.writer.flush()
+
+
 def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """The random source of one epoch's data order: a function of (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
@@ -195,6 +221,7 @@ def train(
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     if world.is_main:
         save_config(run_dir, config)
+    board = TensorBoard(run_dir, config.image_shape) if config.tensorboard and world.is_main else None
 
     show = not quiet and world.is_main and sys.stderr.isatty()
     for epoch in range(start_epoch, config.epochs + 1):
@@ -226,6 +253,8 @@ def train(
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
                 "schedule": {**kl_weights, "progress_epochs": float(epoch)},
             })
+        if board:
+            board.log(epoch, row, model)
         world.barrier()
         if not quiet and world.is_main:
             extra = f"  valid {row['valid_loss']:.2f}" if "valid_loss" in row else ""

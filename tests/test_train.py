@@ -122,3 +122,14 @@ def test_jit_gives_the_same_run_as_eager(tmp_path, small_mnist, estimator):
     a, b = load_checkpoint(tmp_path / "eager"), load_checkpoint(tmp_path / "jit")
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_tensorboard_logs_or_says_how_to_install_it(tmp_path, small_mnist):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
+    else:
+        train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
