@@ -1,5 +1,5 @@
 """The ``pyro-vae`` command: parse, call the library, print. Subcommands:
-train, eval, sample, reconstruct, demo."""
+train, eval, sample, reconstruct, compare, demo."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ TRAIN_FLAGS = {
     "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian, laplace, discretized-logistic (8-bit)"),
     "net": (str, "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)"),
     "init_output_bias": (bool, "initialise the decoder output bias from the training mean"),
-    "estimator": (str, "elbo, meanfield, ... with options, e.g. iwae:K=50"),
+    "estimator": (str, "elbo, meanfield, iwae, stl, dreg, miwae, ciwae, piwae, renyi, enum; options as in iwae:K=50"),
     "particles": (int, "particles K per data point (vectorized)"),
     "beta": (float, "KL weight (beta-VAE); the target of a warm-up"),
     "warmup_epochs": (int, "raise beta linearly from 0 over N epochs"),
@@ -211,6 +211,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Train one run per estimator (same seed, architecture, initial weights) and compare them."""
+    from pyro_vae.compare import compare
+
+    config = _train_config(args)
+    out = Path(args.out)
+    rows = compare(config, args.estimators, out, k=args.k, snr_repeats=args.snr_repeats,
+                   snr_ks=args.snr_k, quiet=args.quiet)
+    width = max(len(r["estimator"]) for r in rows)
+    print(f"{'estimator':<{width}}  test log p(x)  test bound  s/epoch")
+    for r in rows:
+        print(f"{r['estimator']:<{width}}  {r['test_log_likelihood']:13.2f}  {r['test_bound']:10.2f}  "
+              f"{r['seconds_per_epoch']:7.2f}")
+    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'figures'}/compare_*.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -247,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = run_parser("reconstruct", "test images beside their reconstructions, as a PNG", cmd_reconstruct)
     r.add_argument("--n", type=int, default=32)
     r.add_argument("--out", help="PNG path (default RUN/figures/reconstructions.png)")
+
+    c = sub.add_parser("compare", help="train one model per ELBO estimator and compare them",
+                       description=cmd_compare.__doc__ + " Writes OUT/compare.md, OUT/compare.csv, "
+                       "OUT/figures/compare_bounds.png, OUT/figures/compare_snr.png and OUT/runs/.")
+    c.add_argument("--estimators", nargs="+", required=True,
+                   help="estimator specs, e.g. elbo meanfield iwae:K=5 iwae:K=50 dreg:K=50 stl")
+    _add_train_flags(c)
+    c.add_argument("--config", help="a TOML file of the same keys as the flags (flags win)")
+    c.add_argument("--out", default="runs/compare", help="output folder")
+    c.add_argument("--k", type=int, default=1000, help="importance samples per test point for log p(x)")
+    c.add_argument("--snr-repeats", type=int, default=100, help="gradient draws per SNR estimate")
+    c.add_argument("--snr-k", type=int, nargs="+", default=[1, 5, 50], help="K values of the SNR figure")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train, evaluate and draw the iwae1 VAE on binarized MNIST",
                        description=cmd_demo.__doc__)

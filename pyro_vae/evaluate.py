@@ -85,3 +85,29 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     text = json.dumps(result, indent=2)
     atomic_write(Path(run_dir) / "eval.json", lambda p: p.write_text(text))
     return result
+
+
+@torch.no_grad()
+def active_units(guide, x, threshold: float = 0.01, batch_size: int = 1000, particles: int = 100,
+                 **context) -> int:
+    """Number of active latent units (Burda et al. 2016, sec. 5.2): A_u = Cov_x(E_q(z|x)[z_u]) > 0.01.
+
+    E_q[z_u] is ``guide.posterior(x).mean`` where the guide offers it, else the mean of
+    ``particles`` vectorized samples of every latent site (flattened per data point).
+    """
+    from pyro import poutine
+
+    from pyro_vae.objectives.base import vectorize
+
+    means = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if hasattr(guide, "posterior"):
+            means.append(guide.posterior(xb, **context).mean.reshape(len(xb), -1))
+            continue
+        trace = poutine.trace(vectorize(guide, particles)).get_trace(xb, **context)
+        sites = [s["value"] for s in trace.nodes.values()
+                 if s["type"] == "sample" and not s["is_observed"] and s["value"].dim() >= 2
+                 and s["value"].shape[1] == len(xb)]
+        means.append(torch.cat([v.float().mean(0).reshape(len(xb), -1) for v in sites], -1))
+    return int((torch.cat(means).var(0) > threshold).sum())

@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.utils import broadcast_all
 
 from pyro_vae.checks import DataError
 from pyro_vae.registry import Registry
@@ -51,6 +52,17 @@ def _check_unit_interval(x: torch.Tensor, name: str, what: str) -> None:
         )
 
 
+class IndependentBernoulli(dist.Independent):
+    """Bernoulli(logits) features as one event, ``log_prob`` = -BCE(logits, x) summed over the
+    features *before* negating: the same value as ``Bernoulli(logits).to_event(1)``, with one
+    full-size negation less per step each way (about 10% of an iwae1 K=50 step on CPU)."""
+
+    def log_prob(self, value):
+        logits, value = broadcast_all(self.base_dist.logits, value)
+        nll = nn.functional.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return -nll.sum(tuple(range(-self.reinterpreted_batch_ndims, 0)))
+
+
 @LIKELIHOODS.register("bernoulli")
 class Bernoulli(Likelihood):
     """Bernoulli(sigmoid(h)) per feature: for binary data (and, loosely, grey levels in [0, 1])."""
@@ -58,7 +70,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def forward(self, h):
-        return dist.Bernoulli(logits=h, validate_args=False).to_event(1)
+        return IndependentBernoulli(dist.Bernoulli(logits=h, validate_args=False), 1)
 
     def check_support(self, x, what="data"):
         _check_unit_interval(x, self.name, what)

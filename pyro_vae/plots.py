@@ -57,6 +57,36 @@ def save_training_curve(metrics: list[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def save_bound_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
+    """Test bound (nats per data point) against epoch, one line per estimator."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test bound (nats per data point)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def save_snr_against_k(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Gradient SNR of model and guide against K (log-log), one line per estimator family."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, part in zip(axes, ("model", "guide")):
+        for name in dict.fromkeys(r["estimator"] for r in rows):
+            pts = [(r["K"], r[f"{part}_snr"]) for r in rows if r["estimator"] == name]
+            ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_ylabel(f"{part} gradient SNR")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

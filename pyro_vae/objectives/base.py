@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
@@ -98,7 +99,12 @@ def detach_distribution(d):
     if isinstance(d, dist.ExpandedDistribution):
         return detach_distribution(d.base_dist).expand(d.batch_shape)
     params = {k: getattr(d, k).detach() for k in d.arg_constraints if k in d.__dict__}
-    return type(d)(**params, validate_args=False)
+    try:
+        return type(d)(**params, validate_args=False)
+    except (TypeError, ValueError):  # e.g. MultivariateNormal's lazy parameters: copy it whole
+        from pyro.distributions.util import detach
+
+        return detach(d)
 
 
 def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, **context):
@@ -124,7 +130,8 @@ def log_weight_parts(model_trace, guide_trace, k: int, b: int, detach_guide_para
     )
     log_q = sum(
         _to_particle_data_shape(site_log_prob(s, detach_guide_params), k, b)
-        for s in guide_trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]
+        for s in guide_trace.nodes.values()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
     )
     return log_p, log_q
 
