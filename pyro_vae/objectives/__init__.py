@@ -99,14 +99,6 @@ def make_estimator(spec: str, particles: int | None = None, **defaults):
         raise ValueError(f"bad options for estimator {name!r} in {spec!r}: {e}") from None
 
 
-@ESTIMATORS.register("enum")
-def enum(**opts):
-    """TraceEnum_ELBO: the ELBO with discrete model sites summed out exactly (enumeration)."""
-    from pyro.infer import TraceEnum_ELBO
-
-    return _pyro_elbo(TraceEnum_ELBO, **opts)
-
-
 # Importance-weighted bounds and gradient estimators (objectives/importance.py): the classes
 # themselves are the factories, e.g. "miwae:M=8,K=8" -> MIWAE(M=8, K=8).
 from pyro_vae.objectives import importance  # noqa: E402
