@@ -19,12 +19,12 @@ from pyro_vae.run import load_run
 from pyro_vae.train import accuracy, resolve_device, train
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--epochs", type=int, default=5, help="cvae training epochs")
+p.add_argument("--epochs", type=int, default=8, help="cvae training epochs")
 p.add_argument("--classifier-epochs", type=int, default=2)
 p.add_argument("--train-size", type=int)
 p.add_argument("--n", type=int, default=100, help="samples per class")
-p.add_argument("--z-dim", type=int, default=20)
-p.add_argument("--hidden", type=int, nargs="+", default=[400])
+p.add_argument("--z-dim", type=int, default=50)
+p.add_argument("--hidden", type=int, nargs="+", default=[500, 500])
 p.add_argument("--device", default="auto")
 p.add_argument("--out", default="runs/example-cvae-fidelity")
 args = p.parse_args()
