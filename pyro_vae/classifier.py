@@ -1,0 +1,69 @@
+"""A small image classifier p(y|x) trained on labels, to judge generated images: the fraction of
+class-conditioned samples x ~ p(x|y=c) it labels c (a fidelity check for conditional models;
+cf. the "classification accuracy score" of Ravuri & Vinyals 2019, turned around)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pyro_vae.data import Dataset
+from pyro_vae.nets import encoder_net
+from pyro_vae.schedules import KLSchedule
+
+
+class Classifier(nn.Module):
+    """logits = f(x) with the shared encoder bodies: ``net="conv"`` (two stride-2 convolutions,
+    then an MLP; images of ``image_shape``) or ``"mlp"``. ``classify(x)`` gives the argmax class."""
+
+    def __init__(self, x_dim: int, num_classes: int, hidden: Sequence[int] = (128,), activation: str = "relu",
+                 net: str = "conv", image_shape: Sequence[int] | None = None):
+        super().__init__()
+        self.body = encoder_net(net, x_dim, num_classes, hidden, activation, image_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        self.eval()
+        return torch.cat([self(chunk).argmax(-1) for chunk in x.split(batch_size)])
+
+
+class CrossEntropy(nn.Module):
+    """The training objective -log p(y|x) per data point, in the shape ``train_epoch`` expects."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x, beta: float = 1.0, y=None):
+        return nn.functional.cross_entropy(self.classifier(x), y)
+
+
+def train_classifier(data: Dataset, epochs: int = 2, batch_size: int = 128, lr: float = 1e-3,
+                     net: str = "conv", hidden: Sequence[int] = (128,), seed: int = 0) -> Classifier:
+    """Fit a Classifier to ``data.train`` and its labels with Adam (the one training step,
+    ``train.train_epoch``); returns it in eval mode."""
+    from pyro_vae.train import train_epoch
+
+    if data.train_labels is None or not data.num_classes:
+        raise ValueError(f"a classifier needs labelled data; {data.name!r} has no labels")
+    torch.manual_seed(seed)
+    clf = Classifier(data.x_dim, data.num_classes, hidden, net=net, image_shape=data.image_shape)
+    clf.to(data.train.device)
+    objective = CrossEntropy(clf)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=lr)
+    for epoch in range(1, epochs + 1):
+        train_epoch(objective, optimizer, data, batch_size, KLSchedule(), epoch, context_keys=("y",))
+    return clf.eval()
+
+
+@torch.no_grad()
+def class_fidelity(model, classifier: Classifier, num_classes: int, n: int = 100, mean: bool = True) -> torch.Tensor:
+    """Per class c, the fraction of n samples ``model.sample(n, y=c)`` (decoder means by
+    default, as ``pyro-vae sample --label`` draws) that ``classifier`` labels c: a tensor (num_classes,)."""
+    return torch.stack([(classifier.classify(model.sample(n, mean=mean, y=c)) == c).float().mean()
+                        for c in range(num_classes)])
