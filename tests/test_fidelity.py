@@ -23,7 +23,7 @@ def test_classifier_labels_cvae_samples_with_their_class(tmp_path):
     torch.manual_seed(0)
     frac = class_fidelity(model, classifier, 10, n=50)
     assert frac.shape == (10,)
-    assert frac.mean() > 0.6  # chance is 0.1; 0.89 here; the full example reaches 0.94 (docs/models.md)
+    assert frac.mean() > 0.6  # chance is 0.1; 0.89 here; the full example reaches 0.94 (benchmarks/results/vae-family.md)
     # the label matters: samples drawn for class c are not labelled c+1 as often
     torch.manual_seed(0)
     shifted = torch.stack([(classifier.classify(model.sample(50, y=c)) == (c + 1) % 10).float().mean()
