@@ -26,9 +26,9 @@ VARIANTS = {
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--train-size", type=int, default=10000)
-p.add_argument("--epochs", type=int, default=5)
-p.add_argument("--k", type=int, default=1000)
-p.add_argument("--test-size", type=int, default=1000)
+p.add_argument("--epochs", type=int, default=4)
+p.add_argument("--k", type=int, default=200)
+p.add_argument("--test-size", type=int, default=500)
 args = p.parse_args()
 
 data = load_dataset("binarized-mnist", "cpu", train_size=args.train_size, test_size=args.test_size)
