@@ -1,6 +1,7 @@
 """Generative models p(x|z) p(z), one family per file, found by name in ``MODELS``."""
 
+from pyro_vae.models.hierarchical import HierarchicalVAE
 from pyro_vae.models.vae import VAE, LatentVariableModel, LinearGaussian
 from pyro_vae.registry import MODELS
 
-__all__ = ["MODELS", "VAE", "LatentVariableModel", "LinearGaussian"]
+__all__ = ["HierarchicalVAE", "MODELS", "VAE", "LatentVariableModel", "LinearGaussian"]
