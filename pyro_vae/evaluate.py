@@ -355,7 +355,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
     for i in range(0, n, dc):
         xb = x[i:i + dc]
         b = len(xb)
-        lw = torch.empty(k, b, device=x.device)
+        lw = torch.empty(k, b, device=x.device, dtype=x.dtype if x.is_floating_point() else None)
         for j in range(0, k, pc):
             kc = min(pc, k - j)
             c = _Chunk(model, guide, xb, kc, BlockNoise(seed, range(i, i + b), j), closed_form, **context)
