@@ -31,7 +31,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from pyro_vae.objectives.base import PARTICLE_PLATE, log_weight_parts, traces
+from pyro_vae.objectives.base import PARTICLE_PLATE, site_log_prob, traces
 from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
 
 LN2 = math.log(2.0)
@@ -194,37 +194,47 @@ def _per_dim(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
 
 
 class _Chunk:
-    """Log weights and the ELBO's parts for one chunk of data points x particles."""
+    """Log weights and the ELBO's parts for one chunk of data points x particles.
+
+    Every site's log-density is computed once: per dimension for factorized (``Independent``)
+    sites, whose sums give the site's total, and the weights log w = log p(x|z) + sum_s
+    [log p(z_s|.) - log q(z_s|.)] are assembled from them.
+    """
 
     def __init__(self, model, guide, xb, num_particles, noise, closed_form: bool, **context):
         with noise:
             model_trace, guide_trace = traces(model, guide, xb, num_particles, **context)
         k, b = num_particles, xb.shape[0]
-        log_p, log_q = log_weight_parts(model_trace, guide_trace, k, b)
-        self.log_w = log_p - log_q
-        observed = [s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"]]
-        self.log_lik = sum(_shape_kb(s["fn"].log_prob(s["value"]), k, b) for s in observed)
+        self.log_lik = sum(_shape_kb(site_log_prob(s), k, b) for s in model_trace.nodes.values()
+                           if s["type"] == "sample" and s["is_observed"])
+        self.log_w = self.log_lik
         self.sites = {}
         for name, g in guide_trace.nodes.items():
             if g["type"] != "sample" or g["is_observed"] or site_is_subsample(g):
                 continue
-            m = model_trace.nodes[name]
+            m, v = model_trace.nodes[name], g["value"]
             qf, pf = _factorized(g["fn"]), _factorized(m["fn"])
-            total = _shape_kb(g["fn"].log_prob(g["value"]) - m["fn"].log_prob(g["value"]), k, b)
-            per_dim, method = None, "monte carlo"
+            plain = all(s["mask"] is None and s["scale"] == 1.0 for s in (g, m))
             batch = len(g["fn"].batch_shape)
-            if qf is not None and pf is not None:
+            per_dim, method = None, "monte carlo"
+            if qf is not None and pf is not None and plain:
+                lq, lp = qf.log_prob(v), pf.log_prob(v)
+                log_q = lq.reshape(*lq.shape[:batch], -1).sum(-1)
+                log_p = lp.reshape(*lp.shape[:batch], -1).sum(-1)
+                per_dim = _per_dim(lq - lp, batch)
+            else:
+                log_q, log_p = site_log_prob(g), site_log_prob(m)
+            total = _shape_kb(log_q - log_p, k, b)
+            self.log_w = self.log_w - total
+            if closed_form and per_dim is not None:
                 try:
-                    if not closed_form:
-                        raise NotImplementedError
                     kl = torch.distributions.kl_divergence(qf, pf)
-                    kl = kl.expand(torch.broadcast_shapes(kl.shape, g["value"].shape))
+                    kl = kl.expand(torch.broadcast_shapes(kl.shape, v.shape))
                     per_dim, method = _per_dim(kl, batch), "closed form"
                     total = _shape_kb(kl.reshape(*kl.shape[:batch], -1).sum(-1), k, b)
                 except NotImplementedError:
-                    per_dim = _per_dim(qf.log_prob(g["value"]) - pf.log_prob(g["value"]), batch)
-            self.sites[name] = {"total": total, "per_dim": per_dim, "method": method,
-                                "value": g["value"]}
+                    pass
+            self.sites[name] = {"total": total, "per_dim": per_dim, "method": method, "value": v}
 
 
 def _sites_in_order(model) -> list[str] | None:
