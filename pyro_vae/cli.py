@@ -4,7 +4,6 @@ train, eval, sample, reconstruct, demo."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -36,6 +36,9 @@ from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
 
 LN2 = math.log(2.0)
 PARTICLE_BLOCK = 128  # particles per seeded noise block; particle chunks are multiples of it
+# On a CPU, chunks of a few thousand pairs keep the decoder's (particles, points, D) tensors in
+# cache: measured 1.8x less CPU time than 50,000-pair chunks for the iwae1 model at k=5000.
+CPU_CHUNK_PAIRS = 4096
 KHAT_BAD = 0.7  # Vehtari et al. 2024: above this the importance-sampling estimate is unreliable
 _MASK64 = (1 << 64) - 1
 
@@ -292,10 +295,13 @@ def peak_memory_bytes(fn, device) -> tuple[object, int]:
 
 def plan_chunks(k: int, n: int, pairs: int) -> tuple[int, int]:
     """(data points, particles) per chunk with at most ``pairs`` (point, particle) pairs in flight
-    (at least one noise block); particle chunks are whole multiples of ``PARTICLE_BLOCK``."""
+    (at least one noise block). Particle chunks are whole multiples of ``PARTICLE_BLOCK``, of
+    near-equal size."""
     if k <= pairs:
         return max(1, min(n, pairs // k)), k
-    return 1, max(PARTICLE_BLOCK, pairs // PARTICLE_BLOCK * PARTICLE_BLOCK)
+    widest = max(PARTICLE_BLOCK, pairs // PARTICLE_BLOCK * PARTICLE_BLOCK)
+    parts = math.ceil(k / widest)
+    return 1, math.ceil(k / parts / PARTICLE_BLOCK) * PARTICLE_BLOCK
 
 
 def bytes_per_pair(model, guide, x, k: int, seed: int = 0, **context) -> float:
@@ -327,7 +333,8 @@ def evaluate(model, guide, x, k: int = 1000, max_batch_particles: int = 100_000,
       ``ess`` of the raw weights (sum w)^2 / sum w^2 (Kish), mean and as a share of k.
 
     Chunking: ``max_memory`` (bytes, or '1GB') bounds the working memory from a measured probe
-    chunk; otherwise at most ``max_batch_particles`` pairs are in flight. ``data_chunk`` and
+    chunk; otherwise at most ``max_batch_particles`` pairs are in flight; on a CPU at most
+    ``CPU_CHUNK_PAIRS`` as well (cache-sized chunks are faster there). ``data_chunk`` and
     ``particle_chunk`` force the chunk shape (tests). Results do not depend on the chunking:
     draws are seeded per (point, particle block) by ``BlockNoise``.
     """
@@ -347,6 +354,8 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         pairs = max(1, int(parse_bytes(max_memory) / per_pair))
     else:
         per_pair, pairs = None, max_batch_particles
+    if x.device.type == "cpu":
+        pairs = min(pairs, CPU_CHUNK_PAIRS)
     dc, pc = plan_chunks(k, n, pairs)
     dc, pc = data_chunk or dc, particle_chunk or pc
     if pc < k and pc % PARTICLE_BLOCK:

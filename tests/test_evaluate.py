@@ -184,7 +184,9 @@ def test_memory_bound_sets_chunks_and_holds():
     assert pairs * r["bytes_per_pair"] <= bound
     assert peak <= bound
     assert plan_chunks(5000, 10_000, 100_000) == (20, 5000)
-    assert plan_chunks(5000, 10_000, 1000) == (1, 896)
+    assert plan_chunks(5000, 10_000, 1000) == (1, 896)  # 6 near-equal chunks of 7 blocks
+    assert plan_chunks(5000, 10_000, 4096) == (1, 2560)
+    assert plan_chunks(50, 10_000, 4096) == (81, 50)
 
 
 def test_inference_data_export(tmp_path, linear):
