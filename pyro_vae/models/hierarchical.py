@@ -8,7 +8,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_vae.likelihoods import make_likelihood
+from pyro_vae.likelihoods import DataError, make_likelihood
 from pyro_vae.models.vae import LatentVariableModel
 from pyro_vae.nets import MLP, GaussianHead
 from pyro_vae.registry import MODELS
@@ -53,7 +53,9 @@ class HierarchicalVAE(LatentVariableModel):
         return self.likelihood(self.decoder(z1))
 
     def forward(self, x: torch.Tensor, **context):
-        self.check_data(x)
+        if x.dim() != 2 or x.shape[-1] != self.x_dim:
+            raise DataError(f"{type(self).__name__} expects data of shape (batch, {self.x_dim}), got "
+                            f"{tuple(x.shape)}. Flatten each data point to {self.x_dim} features.")
         with pyro.plate("data", x.shape[0]):
             z2 = pyro.sample("z2", self.prior((x.shape[0],)))
             z1 = pyro.sample("z1", self.z1_given_z2(z2))
