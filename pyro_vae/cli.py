@@ -17,9 +17,9 @@ TRAIN_FLAGS = {
     "test_size": (int, "use only the first N test points"),
     "image_size": (int, "resize image-folder images to N x N"),
     "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
-    "preset": (str, "architecture preset: seed (784-400-20, ReLU) or iwae1 (784-200-200-50, tanh)"),
-    "model": (str, "model name (vae, linear, cvae, ...; see the README) or package.module:Class"),
-    "guide": (str, "guide name (gaussian, conditional, ...; see the README) or package.module:Class"),
+    "preset": (str, "architecture preset: seed (784-400-20, ReLU), iwae1 (784-200-200-50, tanh) or iwae2 (two stochastic layers)"),
+    "model": (str, "model name (vae, linear, hvae2, cvae, ...; see the README) or package.module:Class"),
+    "guide": (str, "guide name (gaussian, hvae2, conditional, ...; see the README) or package.module:Class"),
     "z_dim": (int, "latent dimensions"),
     "hidden": (int, "hidden layer sizes, e.g. --hidden 200 200"),
     "activation": (str, "relu, tanh, softplus, elu, gelu, silu, leaky_relu"),
@@ -128,12 +128,31 @@ def cmd_eval(args) -> int:
     from pyro_vae.evaluate import evaluate_run
 
     r = evaluate_run(args.run, k=args.k, device=args.device, seed=args.seed, test_size=args.test_size,
-                     max_batch_particles=args.max_batch_particles, progress=not args.quiet)
-    width = max(map(len, r))
-    for key, value in r.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+                     max_batch_particles=args.max_batch_particles, progress=not args.quiet,
+                     max_memory=args.max_memory, export_points=args.export_points)
+    print(format_eval_table(r))
     print(f"written to {Path(args.run) / 'eval.json'}")
     return 0
+
+
+def format_eval_table(r: dict) -> str:
+    """The figures of an evaluation as aligned text: scalars, then per-site summaries."""
+    rows = []
+    for key, value in r.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float):
+            rows.append((key, f"{value:.4f}"))
+        elif isinstance(value, (int, str)):
+            rows.append((key, str(value)))
+        elif key in ("kl_per_site", "active_units_per_site", "kl_method"):
+            rows.extend((f"{key}[{s}]", f"{v:.4f}" if isinstance(v, float) else str(v)) for s, v in value.items())
+        elif key == "kl_per_dim":
+            for s, v in value.items():
+                top = sorted(v, reverse=True)[:5]
+                rows.append((f"{key}[{s}] (largest 5)", " ".join(f"{t:.2f}" for t in top)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _loaded(args):
@@ -256,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--test-size", type=int, help="evaluate on the first N test points only")
     e.add_argument("--max-batch-particles", type=int, default=100_000,
                    help="data points x particles in flight at once (bounds memory)")
+    e.add_argument("--max-memory", default=None,
+                   help="bound on the evaluation's working memory, e.g. 1GB or 512MB; chunk sizes "
+                        "follow from a measured probe (overrides --max-batch-particles)")
+    e.add_argument("--export-points", type=int, nargs="*", default=[0, 1, 2, 3],
+                   help="test points whose draws z and log weights go to RUN/posterior.nc (ArviZ)")
     e.add_argument("--quiet", action="store_true")
     s = run_parser("sample", "a grid PNG of samples drawn from the prior", cmd_sample)
     s.add_argument("--n", type=int, default=64)

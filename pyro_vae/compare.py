@@ -156,7 +156,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
             "test_bound": -metrics[-1]["test_loss"],
             "test_log_likelihood": ev["test_log_likelihood"],
             "kl": kl_estimate(model, guide, dataset.test[:1000]),
-            "active_units": active_units(guide, dataset.test),
+            "active_units": active_units(guide, dataset.test)[0],
             "seconds_per_epoch": sum(m["epoch_time_s"] for m in metrics) / len(metrics),
             "peak_memory_mb": memory,
             "model_snr": snr["model_snr"],

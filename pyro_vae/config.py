@@ -19,6 +19,9 @@ PRESETS: dict[str, dict] = {
     "seed": {"z_dim": 20, "hidden": [400], "activation": "relu", "init_output_bias": False},
     # Burda et al. 2016, one stochastic layer: 784-200-200-50, tanh, output bias = logit(mean).
     "iwae1": {"z_dim": 50, "hidden": [200, 200], "activation": "tanh", "init_output_bias": True},
+    # Burda et al. 2016, two stochastic layers: 784-200-200-z1(100)-100-100-z2(50), tanh.
+    "iwae2": {"model": "hvae2", "guide": "hvae2", "z_dim": 50, "hidden": [200, 200],
+              "activation": "tanh", "init_output_bias": True},
 }
 
 

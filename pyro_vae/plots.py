@@ -1,4 +1,5 @@
-"""Figures written as PNG files: image grids, reconstructions, training curves."""
+"""Figures written as PNG files: image grids, reconstructions, training curves, evaluation
+diagnostics (KL per latent dimension, Pareto k-hat)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,36 @@ def save_snr_against_k(rows: list[dict], path: str | Path, title: str | None = N
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def save_kl_per_dim(kl_per_dim: dict[str, list[float]], path: str | Path) -> Path:
+    """KL(q || p) per latent dimension (nats), one bar chart panel per latent site, sorted."""
+    fig, axes = plt.subplots(1, len(kl_per_dim), figsize=(6 * len(kl_per_dim), 3.5), squeeze=False)
+    for ax, (site, values) in zip(axes[0], kl_per_dim.items()):
+        values = sorted(values, reverse=True)
+        ax.bar(range(len(values)), values, width=1.0, color="tab:blue")
+        ax.set_xlabel(f"{site} dimension (sorted)")
+        ax.set_ylabel("KL (nats)")
+        ax.set_title(f"{site}: total {sum(values):.2f} nats", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def save_khat_histogram(khat, path: str | Path, bad: float = 0.7) -> Path:
+    """Histogram of PSIS Pareto k-hat over data points, with the 0.5 and ``bad`` thresholds."""
+    import numpy as np
+
+    khat = np.asarray(khat, dtype=float)
+    khat = khat[np.isfinite(khat)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(khat, bins=40, color="tab:blue")
+    for t, style in ((0.5, ":"), (bad, "--")):
+        ax.axvline(t, color="tab:red", ls=style, label=f"k = {t}")
+    ax.set_xlabel("Pareto k-hat of the importance weights")
+    ax.set_ylabel("data points")
+    ax.set_title(f"{np.mean(khat > bad):.1%} of {len(khat)} points above {bad}", fontsize=9)
+    ax.legend()
     return _save(fig, path)
 
 

@@ -216,6 +216,8 @@ def train(
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the config's rate wins (stage-wise schedules)
+            group["lr"] = config.lr
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]

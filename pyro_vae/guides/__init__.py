@@ -4,8 +4,9 @@ from pyro_vae.guides.conditional import ConditionalGaussianGuide
 from pyro_vae.guides.exact import LinearPosteriorGuide
 from pyro_vae.guides.flows import IAFGuide, LowRankGuide
 from pyro_vae.guides.gaussian import GaussianGuide
+from pyro_vae.guides.hierarchical import HierarchicalGuide
 from pyro_vae.guides.ssvae import SSVAEGuide
 from pyro_vae.registry import GUIDES
 
-__all__ = ["ConditionalGaussianGuide", "GUIDES", "GaussianGuide", "IAFGuide", "LinearPosteriorGuide", "LowRankGuide",
-           "SSVAEGuide"]
+__all__ = ["ConditionalGaussianGuide", "GUIDES", "GaussianGuide", "HierarchicalGuide", "IAFGuide",
+           "LinearPosteriorGuide", "LowRankGuide", "SSVAEGuide"]
