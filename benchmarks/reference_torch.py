@@ -175,7 +175,7 @@ def main(argv=None):
     vae, ref_rows = train_reference(data, args.preset, args.epochs, args.batch_size, args.lr, args.seed,
                                     args.estimator, args.particles)
     pyro.set_rng_seed(args.seed)
-    tk_ll = evaluate(model, guide, data.test, k=args.k)["test_log_likelihood"]
+    tk_ll = evaluate(model, guide, data.test, k=args.k, psis=False)["test_log_likelihood"]
     torch.manual_seed(args.seed)
     ref_ll = log_likelihood(vae.eval(), data.test, k=args.k)
     tk_t = sum(r["epoch_time_s"] for r in tk_rows) / len(tk_rows)

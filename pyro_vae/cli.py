@@ -210,7 +210,8 @@ def cmd_demo(args) -> int:
 
     run = Path(args.out)
     config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,
-                                        batch_size=100, lr=1e-3, estimator="elbo", seed=0, device=args.device))
+                                        batch_size=100, lr=1e-3, estimator="elbo", seed=0, device=args.device,
+                                        jit=True))
     t0 = time.perf_counter()
     print(f"training the iwae1 VAE (784-200-200-50, tanh) on binarized MNIST for {args.epochs} epochs ...")
     train(config, run, quiet=args.quiet)
@@ -225,8 +226,11 @@ def cmd_demo(args) -> int:
           f"  test ELBO                {result['test_elbo']:.2f} nats\n"
           f"  test log p(x), k={args.k:<6} {result['test_log_likelihood']:.2f} nats "
           f"({result['test_bits_per_dim']:.4f} bits/dim)\n"
-          f"  run directory            {run}\n"
-          f"  figures                  {run / 'figures'}/samples.png, reconstructions.png, training_curve.png")
+          f"  active units             {result['active_units']} of 50\n"
+          f"  PSIS k-hat > 0.7         {100 * result['share_khat_above_0.7']:.1f}% of test points\n"
+          f"  run directory            {run} (eval.json, metrics.jsonl, posterior.nc)\n"
+          f"  figures                  {run / 'figures'}/samples.png, reconstructions.png, training_curve.png,\n"
+          f"                           kl_per_dim.png, pareto_k.png")
     return 0
 
 
