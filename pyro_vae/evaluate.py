@@ -494,7 +494,7 @@ def active_units(guide, x, threshold: float = 0.01, **context) -> tuple[int, tor
 
 
 @torch.no_grad()
-def mutual_information(guide, x, seed: int = 0, chunk: int = 1000) -> float:
+def mutual_information(guide, x, seed: int = 0, chunk: int = 256) -> float:
     """I(x; z) under q(x, z) = p_data(x) q(z|x), by the estimator of He et al. 2019 (`calc_mi`),
     which is the mutual-information term of Hoffman & Johnson's ELBO surgery (2016):
 
@@ -511,23 +511,26 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 1000) -> float:
     while isinstance(base, dist.Independent):
         base = base.base_dist
     g = torch.Generator(device=x.device).manual_seed(seed)
+    n = x.shape[0]
     if isinstance(base, dist.Normal):
-        loc, scale = (t.double().expand(x.shape[0], -1) for t in (base.loc, base.scale))
+        loc, scale = (t.double().expand(n, -1) for t in (base.loc, base.scale))
         z = loc + scale * torch.randn(loc.shape, generator=g, device=x.device, dtype=loc.dtype)
         prec = scale**-2
         const = -(scale.log().sum(-1) + 0.5 * (loc**2 * prec).sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi))
-        rows = []
-        for i in range(0, len(z), chunk):
-            zi = z[i:i + chunk]
-            # log q(z_i | x_j) = -0.5 z_i^2 . prec_j + z_i . (loc_j prec_j) + const_j
-            rows.append(-0.5 * (zi**2) @ prec.T + zi @ (loc * prec).T + const)
-        log_q = torch.cat(rows)
+
+        def rows(zi):  # log q(z_i | x_j) = -0.5 z_i^2 . prec_j + z_i . (loc_j prec_j) + const_j
+            return -0.5 * (zi**2) @ prec.T + zi @ (loc * prec).T + const
     else:
         z = q.sample()
-        log_q = torch.cat([q.log_prob(z[i:i + chunk, None]) for i in range(0, len(z), chunk)]).double()
-    n = len(z)
-    log_agg = torch.logsumexp(log_q, 1) - math.log(n)
-    return float((log_q.diagonal() - log_agg).mean())
+
+        def rows(zi):
+            return q.log_prob(zi[:, None]).double()
+    total = 0.0
+    for i in range(0, n, chunk):  # (chunk, N) at a time: never the whole N x N matrix
+        log_q = rows(z[i:i + chunk])
+        own = log_q[torch.arange(len(log_q)), torch.arange(i, i + len(log_q))]
+        total += float((own - torch.logsumexp(log_q, 1)).sum())
+    return total / n + math.log(n)
 
 
 # ----------------------------------------------------------------------------------------------
