@@ -52,12 +52,14 @@ class TorchVAE(nn.Module):
             p = train_mean.clamp(1e-3, 1 - 1e-3)
             self.decoder[-1].bias.data.copy_(torch.log(p) - torch.log1p(-p))
 
-    def log_weights(self, x, k: int = 1, stop_guide_params: bool = False):
+    def log_weights(self, x, k: int = 1, stop_guide_params: bool = False, z_hook=None):
         """log p(x, z_k) - log q(z_k|x) for k reparameterized particles: shape (k, batch)."""
         loc, log_scale = self.encoder(x).chunk(2, -1)
         scale = log_scale.exp()
         eps = torch.randn(k, *loc.shape, device=x.device)
         z = loc + scale * eps
+        if z_hook is not None and z.requires_grad:
+            z.register_hook(z_hook)
         logits = self.decoder(z)
         log_px_z = -nn.functional.binary_cross_entropy_with_logits(
             logits, x.expand_as(logits), reduction="none").sum(-1)
@@ -88,6 +90,15 @@ def iwae_loss(vae, x, k):
     return -(torch.logsumexp(vae.log_weights(x, k), 0) - math.log(k)).mean()
 
 
+def dreg_loss(vae, x, k):
+    """Tucker et al. 2019: the guide's gradient sum_k w_k^2 d log w_k / dz dz/dphi (with log q's
+    parameters stopped), the model's the IWAE gradient sum_k w_k d log w_k / dtheta."""
+    weights = {}
+    lw = vae.log_weights(x, k, stop_guide_params=True, z_hook=lambda g: g * weights["w"].unsqueeze(-1))
+    weights["w"] = torch.softmax(lw.detach(), 0)
+    return -(weights["w"] * lw).sum(0).mean()
+
+
 def make_loss(name: str, k: int):
     if name == "elbo":
         return lambda vae, x: elbo_loss(vae, x, k)
@@ -95,6 +106,8 @@ def make_loss(name: str, k: int):
         return lambda vae, x: meanfield_loss(vae, x, k)
     if name == "iwae":
         return lambda vae, x: iwae_loss(vae, x, k)
+    if name == "dreg":
+        return lambda vae, x: dreg_loss(vae, x, k)
     raise ValueError(f"reference has no loss {name!r}")
 
 
