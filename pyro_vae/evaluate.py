@@ -304,12 +304,18 @@ def plan_chunks(k: int, n: int, pairs: int) -> tuple[int, int]:
     return 1, math.ceil(k / parts / PARTICLE_BLOCK) * PARTICLE_BLOCK
 
 
+def context_rows(context: dict, start: int, stop: int) -> dict:
+    """The context tensors (e.g. labels y) of data rows start:stop."""
+    return {k: v[start:stop] for k, v in context.items()}
+
+
 def bytes_per_pair(model, guide, x, k: int, seed: int = 0, **context) -> float:
     """Measured peak bytes per (data point, particle) pair of one probe chunk, plus what the
     evaluation keeps per pair (log weights, PSIS's float64 copies)."""
     b, p = min(len(x), 4), min(k, PARTICLE_BLOCK)
     noise = BlockNoise(seed, range(b))
-    _, peak = peak_memory_bytes(lambda: _Chunk(model, guide, x[:b], p, noise, False, **context), x.device)
+    _, peak = peak_memory_bytes(lambda: _Chunk(model, guide, x[:b], p, noise, False, **context_rows(context, 0, b)),
+                                x.device)
     return peak / (b * p) + 4 + 6 * 8
 
 
@@ -377,7 +383,8 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         lw = torch.empty(k, b, device=x.device, dtype=x.dtype if x.is_floating_point() else None)
         for j in range(0, k, pc):
             kc = min(pc, k - j)
-            c = _Chunk(model, guide, xb, kc, BlockNoise(seed, range(i, i + b), j), closed_form, **context)
+            c = _Chunk(model, guide, xb, kc, BlockNoise(seed, range(i, i + b), j), closed_form,
+                       **context_rows(context, i, i + b))
             lw[j:j + kc] = c.log_w
             log_lik[i:i + b] += c.log_lik.double().sum(0).cpu()
             for name, s in c.sites.items():
@@ -465,7 +472,7 @@ def posterior_means(guide, x, num_samples: int = 64, seed: int = 0, chunk: int =
     for i in range(0, len(x), chunk):
         xb = x[i:i + chunk]
         with BlockNoise(seed, range(i, i + len(xb))):
-            tr = poutine.trace(vectorize(guide, num_samples)).get_trace(xb, **context)
+            tr = poutine.trace(vectorize(guide, num_samples)).get_trace(xb, **context_rows(context, i, i + chunk))
         for name, s in tr.nodes.items():
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
                 m = s["fn"].mean
@@ -494,7 +501,7 @@ def active_units(guide, x, threshold: float = 0.01, **context) -> tuple[int, tor
 
 
 @torch.no_grad()
-def mutual_information(guide, x, seed: int = 0, chunk: int = 256) -> float:
+def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> float:
     """I(x; z) under q(x, z) = p_data(x) q(z|x), by the estimator of He et al. 2019 (`calc_mi`),
     which is the mutual-information term of Hoffman & Johnson's ELBO surgery (2016):
 
@@ -506,7 +513,7 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256) -> float:
     """
     if not hasattr(guide, "posterior"):
         raise ValueError(f"{type(guide).__name__} has no posterior(x); mutual information needs one")
-    q = guide.posterior(x)
+    q = guide.posterior(x, **context)
     base = q
     while isinstance(base, dist.Independent):
         base = base.base_dist
@@ -547,7 +554,8 @@ def posterior_inference_data(model, guide, x, indices, num_draws: int = 1000, se
     """
     indices = [int(i) for i in indices]
     xs = x[indices]
-    c = _Chunk(model, guide, xs, num_draws, BlockNoise(seed, indices), False, **context)
+    c = _Chunk(model, guide, xs, num_draws, BlockNoise(seed, indices), False,
+               **{k: v[list(indices)] for k, v in context.items()})
     lw = c.log_w.double().cpu().numpy()  # (draws, points)
     posterior, dims, coords = {}, {}, {"point": indices}
     for name, s in c.sites.items():
@@ -593,7 +601,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     result["active_units_per_site"] = {s: c for s, (c, _) in au.items()}
     result["active_unit_variances"] = {s: v.tolist() for s, (_, v) in au.items()}
     try:
-        result["mutual_information"] = mutual_information(guide, x, seed)
+        result["mutual_information"] = mutual_information(guide, x, seed, **context)
         result["mutual_information_bound"] = math.log(len(x))
     except ValueError as e:
         result["mutual_information"] = None
@@ -603,7 +611,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     np.savez(run_dir / "eval_points.npz", **points)
     export = [i for i in export_points if 0 <= i < len(x)]
     if export:
-        idata = posterior_inference_data(model, guide, x, export, export_draws, seed)
+        idata = posterior_inference_data(model, guide, x, export, export_draws, seed, **context)
         tmp = run_dir / ".posterior.nc.tmp"
         idata.to_netcdf(str(tmp))
         tmp.replace(run_dir / "posterior.nc")
