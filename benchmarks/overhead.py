@@ -122,7 +122,8 @@ def main(argv=None):
     tag = f"overhead-{device.type}"
     result = {"machine": machine(), "device": str(device), "train_size": len(data.train), "rows": rows}
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# {tag}", "", f"machine: {json.dumps(result['machine'])}", "", *header]
+    lines = [f"# {tag}", "", f"command: python {' '.join(sys.argv)}", "",
+             f"machine: {json.dumps(result['machine'])}, training images: {len(data.train)}", "", *header]
     lines += [_row(r) for r in rows]
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
