@@ -114,6 +114,8 @@ def main(argv=None):
                 print(f"| {preset} | {spec} | skipped: estimator not available |", file=sys.stderr)
                 continue
             for mode in args.modes:
+                if mode == "jit" and not getattr(make_estimator(spec), "traceable", True):
+                    continue  # e.g. dreg: gradient hooks cannot be traced
                 r = measure(data, preset, spec, args.batch_size, args.epochs, device, jit=mode == "jit")
                 rows.append(r)
                 print(_row(r), flush=True)

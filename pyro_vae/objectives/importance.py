@@ -170,6 +170,8 @@ class DReG(ImportanceWeightedELBO):
     guide sample, so a guide whose later sites depend on earlier ones is scaled exactly once.
     """
 
+    traceable = False  # its gradient hooks would not survive torch.jit.trace (see --jit)
+
     name = "dreg"
 
     def surrogate(self, model, guide, x, **context):

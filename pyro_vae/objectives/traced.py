@@ -39,6 +39,9 @@ class TracedObjective(nn.Module):
         if type(objective) is not Objective:
             raise ValueError(f"--jit traces the plain Objective (beta schedules, any estimator); "
                              f"{type(objective).__name__} (capacity or free bits) runs without --jit")
+        if not getattr(objective.estimator, "traceable", True):
+            raise ValueError(f"--jit cannot trace {type(objective.estimator).__name__}: its gradient hooks "
+                             f"are not recorded by torch.jit.trace. Train it without --jit.")
         self.objective = objective
         self._traces: dict = {}
         self._weights: dict[str, torch.Tensor] = {}
