@@ -24,7 +24,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead.py --estimators elbo meanfield iwae:K=50 dreg:K=50 --train-size 10000
+	$(BIN)/python benchmarks/pyro_example_loop.py --epochs 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check pyro_vae tests benchmarks examples
