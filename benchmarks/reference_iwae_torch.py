@@ -15,7 +15,6 @@ the per-epoch test bound, as train() does), the median per-epoch ratio, and, unl
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -23,10 +22,12 @@ from pathlib import Path
 
 import pyro
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference_torch import TorchVAE, iwae_loss, log_likelihood  # noqa: E402
 
 from pyro_vae.config import TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import batch_indices, load_dataset  # noqa: E402
@@ -35,56 +36,11 @@ from pyro_vae.objectives import parse_spec  # noqa: E402
 from pyro_vae.run import load_run  # noqa: E402
 from pyro_vae.train import resolve_device, train  # noqa: E402
 
-LOG_2PI = math.log(2 * math.pi)
 
-
-def mlp(sizes, act=nn.Tanh):
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class PlainIWAE(nn.Module):
-    """q(z|x) = N(mu(x), diag exp(s(x))^2), p(z) = N(0, I), p(x|z) = Bernoulli(logits(z))."""
-
-    def __init__(self, x_dim=784, hidden=(200, 200), z_dim=50):
-        super().__init__()
-        self.z_dim = z_dim
-        self.encoder = mlp([x_dim, *hidden, 2 * z_dim])
-        self.decoder = mlp([z_dim, *reversed(hidden), x_dim])
-
-    def log_weights(self, x, k):
-        """(k, B) log p(x, z) - log q(z|x), z ~ q(z|x), reparameterized."""
-        loc, log_scale = self.encoder(x).split(self.z_dim, -1)
-        eps = torch.randn((k, *loc.shape), device=x.device)
-        z = loc + log_scale.exp() * eps
-        logits = self.decoder(z)
-        log_px_z = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
-        log_pz = -0.5 * (z**2 + LOG_2PI).sum(-1)
-        log_qz = -(0.5 * eps**2 + log_scale + 0.5 * LOG_2PI).sum(-1)
-        return log_px_z + log_pz - log_qz
-
-    def loss(self, x, k):
-        """Negative IWAE_k bound, mean over the batch."""
-        lw = self.log_weights(x, k)
-        return -(torch.logsumexp(lw, 0) - math.log(k)).mean()
-
-    @torch.no_grad()
-    def log_likelihood(self, x, k=1000, chunk=100):
-        total = 0.0
-        for i in range(0, len(x), chunk):
-            lw = self.log_weights(x[i : i + chunk], k)
-            total += float((torch.logsumexp(lw, 0) - math.log(k)).sum())
-        return total / len(x)
-
-
-def plain_from_toolkit(model, guide) -> PlainIWAE:
-    """A PlainIWAE holding the same weights as the toolkit's iwae1 model and guide."""
-    net = PlainIWAE(model.x_dim, [m.out_features for m in guide.encoder.body if isinstance(m, nn.Linear)][:-1],
-                    model.z_dim)
+def plain_from_toolkit(model, guide) -> TorchVAE:
+    """The hand-written VAE of reference_torch.py holding the toolkit's iwae1 weights."""
+    hidden = [m.out_features for m in guide.encoder.body if isinstance(m, nn.Linear)][:-1]
+    net = TorchVAE(model.x_dim, model.z_dim, hidden, "tanh")
     copy = lambda src, dst: [d.data.copy_(s.data) for s, d in zip(src.parameters(), dst.parameters())]  # noqa: E731
     copy(guide.encoder.body, net.encoder)
     copy(model.decoder, net.decoder)
@@ -114,13 +70,13 @@ class PlainTrainer:
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
         for index in batch_indices(len(data.train), self.batch_size, device):
-            loss = net.loss(data.batch(index), self.k)
+            loss = iwae_loss(net, data.batch(index), self.k)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             total += loss.detach()
         with torch.no_grad():
-            self.test_loss = sum(float(net.loss(data.test[i : i + 1000], self.k)) * len(data.test[i : i + 1000])
+            self.test_loss = sum(float(iwae_loss(net, data.test[i : i + 1000], self.k)) * len(data.test[i : i + 1000])
                                  for i in range(0, len(data.test), 1000)) / len(data.test)
         float(total)
         sync(device)
@@ -183,7 +139,7 @@ def main(argv=None):
             pyro.set_rng_seed(args.seed)
             row["toolkit_ll"] = evaluate(model, guide, data.test, args.k)["test_log_likelihood"]
             pyro.set_rng_seed(args.seed)
-            row["plain_ll"] = net.log_likelihood(data.test, args.k)
+            row["plain_ll"] = log_likelihood(net, data.test, args.k)
         rows.append(row)
         print(_format(row), flush=True)
     return rows
