@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def fetch_torchvision_mnist(dest: Path, timeout: float = 15.0) -> dict[str, np.n
         parts = {s: MNIST(str(dest / "torchvision"), train=s, download=True) for s in (True, False)}
     finally:
         socket.setdefaulttimeout(old)
+        shutil.rmtree(dest / "torchvision", ignore_errors=True)  # the arrays go to mnist.npz
     return {
         "x_train": parts[True].data.reshape(-1, 784).numpy(),
         "y_train": parts[True].targets.numpy(),
@@ -207,6 +209,8 @@ def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str
                 break
             except Exception as e:  # noqa: BLE001 - any failure means: try the next source
                 errors.append(f"{source}: {e}")
+                if verbose:
+                    print(f"  {source} failed: {str(e)[:200]}", file=sys.stderr)
         if arrays is None:
             raise RuntimeError(
                 "could not obtain MNIST: " + "; ".join(errors) + f". Place mnist.npz in {data_dir}."
