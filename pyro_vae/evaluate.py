@@ -235,8 +235,8 @@ class _Chunk:
                     kl = kl.expand(torch.broadcast_shapes(kl.shape, v.shape))
                     per_dim, method = _per_dim(kl, batch), "closed form"
                     total = _shape_kb(kl.reshape(*kl.shape[:batch], -1).sum(-1), k, b)
-                except NotImplementedError:
-                    pass
+                except NotImplementedError:  # torch has no closed form for this pair:
+                    pass  # keep the Monte Carlo KL from the same particles (method says so)
             self.sites[name] = {"total": total, "per_dim": per_dim, "method": method, "value": v}
 
 
