@@ -62,6 +62,7 @@ class Dataset:
     image_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
+    labelled_rows: torch.Tensor | None = None  # set by keep_labels: the semi-supervised setting
 
     @property
     def x_dim(self) -> int:
@@ -100,7 +101,31 @@ class Dataset:
                           for c in range(self.num_classes)])
         hidden = torch.full_like(labels, -1)
         hidden[keep] = labels[keep]
-        return dataclasses.replace(self, train_labels=hidden.to(self.train_labels.device))
+        device = self.train_labels.device
+        return dataclasses.replace(self, train_labels=hidden.to(device), labelled_rows=keep.sort().values.to(device))
+
+    def epoch_batches(self, batch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """One epoch of training batches (row indices).
+
+        Fully labelled or unlabelled data: slices of one random permutation. Semi-supervised
+        data (after ``keep_labels``): the labelled and the unlabelled rows each in batches of
+        their own, the labelled batches spread evenly through the epoch, as in Pyro's SS-VAE
+        tutorial (Kingma et al. 2014's M2): each step is wholly supervised or wholly
+        unsupervised, so the few labels get whole optimizer steps of their own.
+        """
+        device = self.train.device
+        if self.labelled_rows is None:
+            return batch_indices(len(self.train), batch_size, device, generator=generator)
+        unlabelled = torch.ones(len(self.train), dtype=torch.bool, device=device)
+        unlabelled[self.labelled_rows] = False
+        unlabelled = torch.nonzero(unlabelled).flatten()
+        labelled = [self.labelled_rows[i] for i in batch_indices(len(self.labelled_rows), batch_size, device,
+                                                                 generator=generator)]
+        batches = [unlabelled[i] for i in batch_indices(len(unlabelled), batch_size, device, generator=generator)]
+        every = max(1, len(batches) // len(labelled))
+        for j, batch in enumerate(labelled):  # labelled batch j goes in after unlabelled batch j * every
+            batches.insert(j * (every + 1) + 1, batch)
+        return batches
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
         """The training batch for ``index``, binarized afresh where the dataset asks for it."""

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
-from pyro_vae.data import Dataset, batch_indices, load_dataset
+from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
@@ -107,8 +107,7 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     """
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
-    batches = batch_indices(len(dataset.train), batch_size, dataset.train.device,
-                            generator=epoch_generator(seed, epoch, dataset.train.device))
+    batches = dataset.epoch_batches(batch_size, epoch_generator(seed, epoch, dataset.train.device))
     total = torch.zeros((), device=dataset.train.device)
     grad_norm = None
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)

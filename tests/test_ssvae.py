@@ -16,6 +16,17 @@ def test_keep_labels_hides_all_but_n_balanced_labels():
     assert len(known) == 100 and torch.equal(torch.bincount(known), torch.full((10,), 10))
 
 
+def test_semi_supervised_epochs_keep_labelled_and_unlabelled_rows_in_separate_batches():
+    data = load_dataset("mnist", "cpu", train_size=2000, test_size=10).keep_labels(100)
+    batches = data.epoch_batches(40, torch.Generator().manual_seed(0))
+    rows = torch.cat(batches)
+    assert torch.equal(rows.sort().values, torch.arange(2000))  # every row once
+    kinds = [bool((data.train_labels[b] >= 0).all()) for b in batches]
+    assert all(k or bool((data.train_labels[b] < 0).all()) for k, b in zip(kinds, batches))
+    where = [i for i, k in enumerate(kinds) if k]
+    assert len(where) == 3 and where[0] == 1 and where[-1] < len(batches) - 5  # spread out, not bunched at the end
+
+
 def test_ssvae_with_100_labels_classifies_far_above_chance(tmp_path):
     data = load_dataset("mnist", "cpu", train_size=3000, test_size=1000)
     config = TrainConfig.from_dict(dict(model="ssvae", guide="ssvae", estimator="enum", labels=100, z_dim=50,
