@@ -43,6 +43,7 @@ TRAIN_FLAGS = {
     "clip_grad": (float, "clip the gradient norm to this value"),
     "seed": (int, "random seed (identical runs on CPU)"),
     "jit": (bool, "trace the objective once and replay it (faster steps; same values)"),
+    "amp": (str, "bf16: the networks' matrix products in bfloat16, log-densities and loss in float32"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
     "tensorboard": (bool, "also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)"),
 }

@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     jit: bool = False
+    amp: str | None = None
     tensorboard: bool = False
     # filled in from the data when training starts
     x_dim: int | None = None

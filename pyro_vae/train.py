@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from pyro_vae.amp import amp_dtype, autocast_layers
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
@@ -195,6 +196,9 @@ def train(
         dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
+    if config.amp:
+        for module in (model, guide):
+            autocast_layers(module, device.type, amp_dtype(config.amp))
     context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
     if hasattr(model, "likelihood"):
         model.likelihood.check_support(dataset.train, "training data")
