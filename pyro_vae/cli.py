@@ -17,6 +17,7 @@ TRAIN_FLAGS = {
     "test_size": (int, "use only the first N test points"),
     "image_size": (int, "resize image-folder images to N x N"),
     "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
+    "labelled_every": (int, "with --labels: a labelled batch after every N unlabelled ones, cycling the labelled rows (0: each labelled row once per epoch)"),
     "preset": (str, "architecture preset: seed (784-400-20, ReLU), iwae1 (784-200-200-50, tanh) or iwae2 (two stochastic layers)"),
     "model": (str, "model name (vae, linear, hvae2, cvae, ...; see the README) or package.module:Class"),
     "guide": (str, "guide name (gaussian, hvae2, conditional, ...; see the README) or package.module:Class"),

@@ -37,6 +37,7 @@ class TrainConfig:
     test_size: int | None = None
     image_size: int | None = None
     labels: int | None = None
+    labelled_every: int = 0
     # model and guide
     preset: str | None = None
     model: str = "vae"

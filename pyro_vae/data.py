@@ -104,14 +104,16 @@ class Dataset:
         device = self.train_labels.device
         return dataclasses.replace(self, train_labels=hidden.to(device), labelled_rows=keep.sort().values.to(device))
 
-    def epoch_batches(self, batch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def epoch_batches(self, batch_size: int, generator: torch.Generator | None = None,
+                      labelled_every: int = 0) -> list[torch.Tensor]:
         """One epoch of training batches (row indices).
 
         Fully labelled or unlabelled data: slices of one random permutation. Semi-supervised
         data (after ``keep_labels``): the labelled and the unlabelled rows each in batches of
-        their own, the labelled batches spread evenly through the epoch, as in Pyro's SS-VAE
-        tutorial (Kingma et al. 2014's M2): each step is wholly supervised or wholly
-        unsupervised, so the few labels get whole optimizer steps of their own.
+        their own, so each step is wholly supervised or wholly unsupervised. By default the
+        labelled batches are spread evenly through the epoch, each labelled row once, as in
+        Pyro's SS-VAE tutorial; ``labelled_every=N`` puts a labelled batch after every N
+        unlabelled ones instead, cycling through the labelled rows as often as that takes.
         """
         device = self.train.device
         if self.labelled_rows is None:
@@ -119,10 +121,14 @@ class Dataset:
         unlabelled = torch.ones(len(self.train), dtype=torch.bool, device=device)
         unlabelled[self.labelled_rows] = False
         unlabelled = torch.nonzero(unlabelled).flatten()
-        labelled = [self.labelled_rows[i] for i in batch_indices(len(self.labelled_rows), batch_size, device,
-                                                                 generator=generator)]
         batches = [unlabelled[i] for i in batch_indices(len(unlabelled), batch_size, device, generator=generator)]
-        every = max(1, len(batches) // len(labelled))
+        per_pass = -(-len(self.labelled_rows) // batch_size)  # labelled batches in one pass
+        if labelled_every:
+            every, count = labelled_every, max(1, len(batches) // labelled_every)
+        else:
+            every, count = max(1, len(batches) // per_pass), per_pass
+        labelled = [self.labelled_rows[i] for _ in range(-(-count // per_pass))
+                    for i in batch_indices(len(self.labelled_rows), batch_size, device, generator=generator)][:count]
         for j, batch in enumerate(labelled):  # labelled batch j goes in after unlabelled batch j * every
             batches.insert(j * (every + 1) + 1, batch)
         return batches

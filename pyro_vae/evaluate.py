@@ -68,6 +68,9 @@ def _location_scale(fn):
     return None
 
 
+_WARNED: set = set()
+
+
 class BlockNoise(Messenger):
     """Sample every latent site of a Gaussian guide from noise that depends only on
     (seed, site name, global data index, particle index).
@@ -127,9 +130,11 @@ class BlockNoise(Messenger):
         fn = msg["fn"]
         params = _location_scale(fn)
         if params is None:
-            warnings.warn(f"site {msg['name']!r} has a {type(fn).__name__} distribution; its draws "
-                          f"use the global RNG, so chunked and unchunked evaluation differ",
-                          stacklevel=2)
+            if (msg["name"], type(fn)) not in _WARNED:  # once per site and family, not per chunk
+                _WARNED.add((msg["name"], type(fn)))
+                warnings.warn(f"site {msg['name']!r} has a {type(fn).__name__} distribution; its draws "
+                              f"use the global RNG, so chunked and unchunked evaluation differ",
+                              stacklevel=2)
             return
         batch = len(fn.batch_shape)
         dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}

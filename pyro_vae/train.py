@@ -96,7 +96,7 @@ def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainCo
 def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedule, epoch: int,
                 clip_grad: float | None = None, context_keys=(), progress: bool = False,
                 log_every: int = 50, desc: str = "", seed: int = 0,
-                world: World = SINGLE) -> tuple[float, dict, float | None]:
+                world: World = SINGLE, labelled_every: int = 0) -> tuple[float, dict, float | None]:
     """One pass over the training data; returns (mean loss, last KL weights, last gradient norm).
 
     The epoch's permutation comes from (seed, epoch) alone, so every process of a distributed
@@ -108,7 +108,7 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     """
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
-    batches = dataset.epoch_batches(batch_size, epoch_generator(seed, epoch, dataset.train.device))
+    batches = dataset.epoch_batches(batch_size, epoch_generator(seed, epoch, dataset.train.device), labelled_every)
     total = torch.zeros((), device=dataset.train.device)
     grad_norm = None
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
@@ -235,7 +235,7 @@ def train(
             train_loss, kl_weights, grad_norm = train_epoch(
                 objective, optimizer, dataset, config.batch_size, schedule, epoch, config.clip_grad,
                 context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}",
-                seed=config.seed, world=world)
+                seed=config.seed, world=world, labelled_every=config.labelled_every)
         except FloatingPointError as e:
             raise _diverged(epoch, e.args[0], e.args[1], run_dir, config) from None
         train_loss = world.weighted_mean(train_loss, 1.0)

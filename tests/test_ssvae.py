@@ -27,13 +27,23 @@ def test_semi_supervised_epochs_keep_labelled_and_unlabelled_rows_in_separate_ba
     assert len(where) == 3 and where[0] == 1 and where[-1] < len(batches) - 5  # spread out, not bunched at the end
 
 
+def test_labelled_every_cycles_the_labelled_rows_between_unlabelled_batches():
+    data = load_dataset("mnist", "cpu", train_size=2000, test_size=10).keep_labels(100)
+    batches = data.epoch_batches(40, torch.Generator().manual_seed(0), labelled_every=2)
+    kinds = [bool((data.train_labels[b] >= 0).all()) for b in batches]
+    assert kinds[:7] == [False, True, False, False, True, False, False]  # unlabelled, labelled, then 2 : 1
+    assert sum(kinds) == 48 // 2  # 48 unlabelled batches
+    seen = torch.bincount(torch.cat([b for b, k in zip(batches, kinds) if k]), minlength=2000)[data.labelled_rows]
+    assert bool((seen == 8).all())  # 24 labelled batches = 8 whole passes of 3 (40 + 40 + 20 rows)
+
+
 def test_ssvae_with_100_labels_classifies_far_above_chance(tmp_path):
     data = load_dataset("mnist", "cpu", train_size=3000, test_size=1000)
-    config = TrainConfig.from_dict(dict(model="ssvae", guide="ssvae", estimator="enum", labels=100, z_dim=50,
+    config = TrainConfig.from_dict(dict(model="ssvae", guide="ssvae", estimator="enum", labels=100, labelled_every=4, z_dim=50,
                                         hidden=[500], activation="softplus", epochs=2, batch_size=200,
                                         lr=4.2e-4, seed=0, device="cpu"))
     rows = train(config, tmp_path / "run", quiet=True, dataset=data)
-    assert rows[-1]["test_accuracy"] > 0.4  # chance is 0.1; 100 labels seen twice
+    assert rows[-1]["test_accuracy"] > 0.5  # chance is 0.1; the 100 labels in every 5th step
     _, model, guide = load_run(tmp_path / "run")
     assert accuracy(guide, data.test, data.test_labels) == rows[-1]["test_accuracy"]
     # with y summed out (no labels), the enum loss is finite and answers under no_grad (test losses)
