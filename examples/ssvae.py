@@ -16,13 +16,15 @@ p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--labels", type=int, nargs="+", default=[100])
 p.add_argument("--epochs", type=int, default=5)
 p.add_argument("--train-size", type=int)
+p.add_argument("--labelled-every", type=int, default=0,
+               help="a labelled batch after every N unlabelled ones (0: each label once per epoch)")
 p.add_argument("--device", default="auto")
 p.add_argument("--out", default="runs/example-ssvae")
 args = p.parse_args()
 
 for n in args.labels:
     config = TrainConfig.from_dict(dict(dataset="mnist", train_size=args.train_size, model="ssvae", guide="ssvae",
-                                        estimator="enum", labels=n, z_dim=50, hidden=[500], activation="softplus",
+                                        estimator="enum", labels=n, labelled_every=args.labelled_every, z_dim=50, hidden=[500], activation="softplus",
                                         epochs=args.epochs, batch_size=200, lr=4.2e-4, seed=0, device=args.device))
     rows = train(config, f"{args.out}-{n}", quiet=True)
     best = max(r["test_accuracy"] for r in rows)
