@@ -127,9 +127,11 @@ class Dataset:
             every, count = labelled_every, max(1, len(batches) // labelled_every)
         else:
             every, count = max(1, len(batches) // per_pass), per_pass
-        labelled = [self.labelled_rows[i] for _ in range(-(-count // per_pass))
-                    for i in batch_indices(len(self.labelled_rows), batch_size, device, generator=generator)][:count]
-        for j, batch in enumerate(labelled):  # labelled batch j goes in after unlabelled batch j * every
+        labelled = []
+        while len(labelled) < count:  # whole passes, each a fresh permutation
+            labelled += [self.labelled_rows[i] for i in batch_indices(len(self.labelled_rows), batch_size, device,
+                                                                     generator=generator)]
+        for j, batch in enumerate(labelled[:count]):  # labelled batch j goes after unlabelled batch j * every
             batches.insert(j * (every + 1) + 1, batch)
         return batches
 

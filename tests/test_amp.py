@@ -48,10 +48,12 @@ def test_bf16_loss_is_float32_and_close_to_the_float32_loss(spec):
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in objective.parameters())
 
 
-def test_train_with_amp_bf16_and_jit(tmp_path, small_mnist):
-    config = TrainConfig.from_dict(dict(preset="iwae1", epochs=1, batch_size=100, amp="bf16", jit=True, device="cpu"))
-    rows = train(config, tmp_path / "run", quiet=True, dataset=small_mnist)
-    assert 0 < rows[-1]["test_loss"] < 300
+def test_train_with_amp_bf16_and_jit_ends_where_float32_does(tmp_path, small_mnist):
+    losses = {}
+    for amp in (None, "bf16"):
+        config = TrainConfig.from_dict(dict(preset="iwae1", epochs=2, batch_size=100, amp=amp, jit=True, device="cpu"))
+        losses[amp] = train(config, tmp_path / str(amp), quiet=True, dataset=small_mnist)[-1]["test_loss"]
+    assert abs(losses["bf16"] - losses[None]) < 0.25, losses  # same seed and data (measured 0.02); nats per image
 
 
 def test_unknown_amp_names_the_choices():
