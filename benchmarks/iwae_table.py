@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 # Burda et al. 2016, Table 1: test NLL (nats) by L_5000.
@@ -40,17 +39,28 @@ def paper_stages(epochs_budget: int | None):
 
 
 def train_one(run: Path, layers: int, spec: str, stages, args) -> float:
+    """Train one model through ``stages``, resuming from its checkpoint; returns the training seconds."""
     from pyro_vae.config import TrainConfig
+    from pyro_vae.run import CheckpointError, load_checkpoint, read_metrics
     from pyro_vae.train import train
 
-    t0 = time.perf_counter()
-    for s, (epochs, lr) in enumerate(stages):
+    try:
+        done = load_checkpoint(run)["epoch"]  # an interrupted table picks up where it stopped
+    except CheckpointError:
+        done = 0
+    if done > stages[-1][0]:
+        raise SystemExit(f"{run} already holds {done} epochs, more than the {stages[-1][0]} asked for; "
+                         f"choose another --out (or delete that run).")
+    for epochs, lr in stages:
+        if done >= epochs:
+            continue
         config = TrainConfig.from_dict(dict(
             preset=PRESET[layers], dataset="binarized-mnist", estimator=spec, epochs=epochs, lr=lr,
             batch_size=args.batch_size, seed=args.seed, device=args.device,
             train_size=args.train_size, test_size=args.test_size))
-        train(config, run, resume=s > 0, quiet=True)
-    return time.perf_counter() - t0
+        train(config, run, resume=done > 0, quiet=True)
+        done = epochs
+    return sum(m["epoch_time_s"] for m in read_metrics(run))
 
 
 def main(argv=None) -> int:
@@ -90,19 +100,31 @@ def main(argv=None) -> int:
                     continue
                 run = out / key
                 spec = f"{names[col]}:K={k}"
+                row_file, setting = run / "table_row.json", _setting(args, stages)
+                if row_file.exists() and json.loads(row_file.read_text())["setting"] == setting:
+                    results[key] = json.loads(row_file.read_text())  # measured by an earlier call
+                    continue
                 print(f"training {key} ({spec}, {stages[-1][0]} epochs) ...", file=sys.stderr)
                 train_s = train_one(run, layers, spec, stages, args)
                 r = evaluate_run(run, k=args.eval_k, device=args.device, seed=args.seed,
                                  max_memory=args.max_memory, export_points=(), figures=False)
                 results[key] = {"estimator": spec, "nll": r["test_nll"], "elbo": r["test_elbo"],
                                 "active_units": r["active_units_per_site"], "train_s": train_s,
-                                "eval_s": r["eval_time_s"]}
+                                "eval_s": r["eval_time_s"], "setting": setting}
+                row_file.write_text(json.dumps(results[key], indent=2))
                 print(f"  NLL {r['test_nll']:.2f}  active units {r['active_units_per_site']}  "
                       f"({train_s:.0f} s + {r['eval_time_s']:.0f} s)", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(format_table(results, args, stages))
+    print(format_checks(results, args))
     return 0
+
+
+def _setting(args, stages) -> dict:
+    """What a cached row must share with this call to be reused."""
+    return {"stages": [list(stage) for stage in stages], "batch_size": args.batch_size, "train_size": args.train_size,
+            "test_size": args.test_size, "eval_k": args.eval_k, "seed": args.seed}
 
 
 def _au(r):
@@ -118,6 +140,26 @@ def format_table(results: dict, args, stages) -> str:
             v, w = results[f"{layers}-vae-{k}"], results[f"{layers}-iwae-{k}"]
             lines.append(f"{layers:>6} {k:>3} | {v['nll']:7.2f} {PAPER_NLL[(layers, 'vae')].get(k, float('nan')):6.2f} "
                          f"{_au(v):>6} | {w['nll']:7.2f} {PAPER_NLL[(layers, 'iwae')].get(k, float('nan')):6.2f} {_au(w):>6}")
+    return "\n".join(lines)
+
+
+def format_checks(results: dict, args) -> str:
+    """The paper's orderings, each with yes/no: IWAE beats VAE at equal k > 1, two layers beat
+    one, and IWAE keeps at least as many active units."""
+    lines = []
+    for layers in args.layers:
+        for k in (k for k in args.ks if k > 1):
+            v, w = results[f"{layers}-vae-{k}"], results[f"{layers}-iwae-{k}"]
+            au_v, au_w = sum(v["active_units"].values()), sum(w["active_units"].values())
+            lines.append(f"{layers} layer(s), k={k}: IWAE beats VAE by {v['nll'] - w['nll']:+.2f} nats "
+                         f"[{'yes' if w['nll'] < v['nll'] else 'NO'}]; active units {au_w} vs {au_v} "
+                         f"[{'yes' if au_w >= au_v else 'NO'}]")
+    if set(args.layers) >= {1, 2}:
+        for k in args.ks:
+            for col in ("vae",) if k == 1 else ("vae", "iwae"):  # at k = 1 they are one model
+                one, two = results[f"1-{col}-{k}"]["nll"], results[f"2-{col}-{k}"]["nll"]
+                lines.append(f"{col.upper()} k={k}: two layers beat one by {one - two:+.2f} nats "
+                             f"[{'yes' if two < one else 'NO'}]")
     return "\n".join(lines)
 
 
