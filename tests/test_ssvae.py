@@ -1,7 +1,9 @@
 """Semi-supervised M2 on real MNIST with 100 labels: enumeration, labels hidden, classifier."""
 
+import pyro
 import pytest
 import torch
+from pyro.infer import TraceEnum_ELBO
 
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
@@ -55,3 +57,24 @@ def test_labels_must_split_evenly():
     data = load_dataset("mnist", "cpu", train_size=500, test_size=10)
     with pytest.raises(ValueError, match="multiple of the 10 classes"):
         data.keep_labels(105)
+
+
+def test_auxiliary_loss_counts_in_training_only():
+    """The training loss of labelled rows carries alpha * CE(q(y|x), y); in eval mode (test loss,
+    importance weights) the guide is q(y|x) q(z|x,y) alone, so the two differ by exactly that."""
+    from pyro_vae.guides.ssvae import SSVAEGuide
+    from pyro_vae.models.ssvae import SSVAE
+
+    torch.manual_seed(0)
+    model, guide = SSVAE(x_dim=12, z_dim=3, hidden=(8,)), SSVAEGuide(x_dim=12, z_dim=3, hidden=(8,), aux_weight=7.0)
+    x, y = torch.rand(5, 12).round(), torch.tensor([0, 3, 9, 3, 1])
+
+    def loss(train: bool) -> float:
+        guide.train(train)
+        pyro.set_rng_seed(1)
+        return float(TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, x, y))
+
+    ce = torch.nn.functional.cross_entropy(guide.classifier(x), y, reduction="sum")
+    assert loss(True) - loss(False) == pytest.approx(7.0 * float(ce), rel=1e-5)
+    guide.eval()
+    assert "y_aux" not in pyro.poutine.trace(guide).get_trace(x, y).nodes

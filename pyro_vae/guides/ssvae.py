@@ -17,8 +17,10 @@ from pyro_vae.registry import GUIDES
 @GUIDES.register("ssvae")
 class SSVAEGuide(nn.Module):
     """q(y|x) = Cat(classifier(x)) (enumerated where y is unknown), q(z|x,y) = N(encoder([x, y])),
-    plus the auxiliary classification loss alpha * -log q(y|x) on labelled rows (Kingma et al.
-    2014, eq. 9), ``aux_weight`` alpha. ``classify(x)`` gives the predicted labels."""
+    plus, in training mode only, the auxiliary classification loss alpha * -log q(y|x) on
+    labelled rows (Kingma et al. 2014, eq. 9), ``aux_weight`` alpha. In eval mode the guide is
+    q(y|x) q(z|x,y) alone, so test losses and importance weights are those of the model.
+    ``classify(x)`` gives the predicted labels."""
 
     context_keys = ("y",)
 
@@ -44,10 +46,11 @@ class SSVAEGuide(nn.Module):
         if len(x_l):
             with pyro.plate("data_l", len(x_l)):
                 self._z("l", x_l, y_l)
-                # Pyro counts a guide factor f as part of log q, so f adds to the loss: here
-                # f = alpha * -log q(y|x), the auxiliary classification loss.
-                nll = nn.functional.cross_entropy(self.classifier(x_l), y_l.long(), reduction="none")
-                pyro.factor("y_aux", self.aux_weight * nll, has_rsample=True)
+                if self.training:
+                    # Pyro counts a guide factor f as part of log q, so f adds to the loss: here
+                    # f = alpha * -log q(y|x), the auxiliary classification loss.
+                    nll = nn.functional.cross_entropy(self.classifier(x_l), y_l.long(), reduction="none")
+                    pyro.factor("y_aux", self.aux_weight * nll, has_rsample=True)
         if len(x_u):
             with pyro.plate("data_u", len(x_u)):
                 y_u = pyro.sample("y_u", dist.Categorical(logits=self.classifier(x_u)),
