@@ -8,6 +8,13 @@ The paper's schedule: stages i = 0..7 of 3^i epochs at learning rate 1e-3 * 10^(
 (Adam, batch size 20). The VAE with k samples trains on ``elbo:K=k`` (the average of k
 ELBO estimates), the IWAE on ``iwae:K=k``; at k = 1 the two objectives coincide, so that
 model is trained once and shown in both columns.
+
+Each model lives in ``OUT/<layers>-<vae|iwae>-<k>``: a stopped table resumes every model from its
+last checkpoint, a larger ``--epochs`` continues the same runs, and a model already evaluated
+with the same setting is not trained again (its row is cached in ``table_row.json``). So the
+layers can run as two processes side by side (``--layers 1`` and ``--layers 2``, same ``--out``)
+and a last call with both assembles the table. Below the table come the paper's orderings as
+yes/no checks.
 """
 
 from __future__ import annotations
