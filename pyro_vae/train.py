@@ -245,6 +245,8 @@ def train(
                "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
         if hasattr(guide, "classify") and dataset.test_labels is not None:
             row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
+            if dataset.valid_labels is not None:  # for choosing the epoch without the test set
+                row["valid_accuracy"] = accuracy(guide, dataset.valid, dataset.valid_labels)
         if dataset.valid is not None:
             row["valid_loss"] = _sharded_loss(evaluator, dataset, "valid", context_keys, world)
         if grad_norm is not None:

@@ -40,12 +40,13 @@ def test_labelled_every_cycles_the_labelled_rows_between_unlabelled_batches():
 
 
 def test_ssvae_with_100_labels_classifies_far_above_chance(tmp_path):
-    data = load_dataset("mnist", "cpu", train_size=3000, test_size=1000)
+    data = load_dataset("mnist", "cpu", validation=500, train_size=3500, test_size=1000)
     config = TrainConfig.from_dict(dict(model="ssvae", guide="ssvae", estimator="enum", labels=100, labelled_every=4, z_dim=50,
                                         hidden=[500], activation="softplus", epochs=2, batch_size=200,
                                         lr=4.2e-4, seed=0, device="cpu"))
     rows = train(config, tmp_path / "run", quiet=True, dataset=data)
     assert rows[-1]["test_accuracy"] > 0.5  # chance is 0.1; the 100 labels in every 5th step
+    assert rows[-1]["valid_accuracy"] > 0.5  # held-out training rows: for choosing the epoch
     _, model, guide = load_run(tmp_path / "run")
     assert accuracy(guide, data.test, data.test_labels) == rows[-1]["test_accuracy"]
     # with y summed out (no labels), the enum loss is finite and answers under no_grad (test losses)
