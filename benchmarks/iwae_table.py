@@ -108,8 +108,9 @@ def main(argv=None) -> int:
                 run = out / key
                 spec = f"{names[col]}:K={k}"
                 row_file, setting = run / "table_row.json", _setting(args, stages)
-                if row_file.exists() and json.loads(row_file.read_text())["setting"] == setting:
-                    results[key] = json.loads(row_file.read_text())  # measured by an earlier call
+                cached = json.loads(row_file.read_text()) if row_file.exists() else None
+                if cached and cached["setting"] == setting:  # measured by an earlier call
+                    results[key] = cached
                     continue
                 print(f"training {key} ({spec}, {stages[-1][0]} epochs) ...", file=sys.stderr)
                 train_s = train_one(run, layers, spec, stages, args)
