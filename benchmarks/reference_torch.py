@@ -1,14 +1,19 @@
 """A plain-PyTorch VAE (no Pyro) for the same architectures, as the yardstick for pyro-vae.
 
 The model is written out by hand: z = mu + sigma * eps, log w = log p(x|z) + log p(z) - log q(z|x);
-the ELBO is the mean of log w over particles and IWAE its logmeanexp (Burda et al. 2016).
-The training loop mirrors pyro_vae.train (same permutation batching, dynamic binarization,
-Adam, test loss each epoch), so seconds per epoch compare like for like.
+the ELBO is the mean of log w over particles and IWAE its logmeanexp (Burda et al. 2016); the
+closed-form-KL and DReG (Tucker et al. 2019) losses as well. `overhead.py` times it against the
+toolkit; run as a script it compares the two in quality and time:
 
-    python benchmarks/reference_torch.py --preset iwae1 --epochs 10      # quality: LL vs toolkit
+    python benchmarks/reference_torch.py --preset iwae1 --estimators elbo --epochs 10
+    python benchmarks/reference_torch.py --estimators elbo iwae:K=5 iwae:K=50 --epochs 50
+    python benchmarks/reference_torch.py --estimators iwae:K=50 --epochs 2 --no-eval     # timing only
 
-trains the toolkit and this reference with the same settings in one run and prints both test
-log-likelihoods (k=1000 importance samples) and their difference.
+For each estimator it trains the toolkit run (``pyro_vae.train.train``) and the plain run from the
+same initial weights, seed and data, epochs alternating between the two so that both see the same
+machine load, then prints seconds per epoch of each (the mean over epochs; both include the
+per-epoch test bound, as train() does), the median per-epoch ratio, and, unless ``--no-eval``,
+the test log-likelihood of each by importance sampling with k samples.
 """
 
 from __future__ import annotations
@@ -16,16 +21,22 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pyro
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_vae.config import PRESETS  # noqa: E402
+from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import batch_indices, load_dataset  # noqa: E402
+from pyro_vae.evaluate import evaluate  # noqa: E402
+from pyro_vae.objectives import parse_spec  # noqa: E402
+from pyro_vae.run import load_run  # noqa: E402
+from pyro_vae.train import resolve_device, train  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 ACT = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -99,7 +110,7 @@ def dreg_loss(vae, x, k):
     return -(weights["w"] * lw).sum(0).mean()
 
 
-def make_loss(name: str, k: int):
+def make_loss(name: str, k: int = 1):
     if name == "elbo":
         return lambda vae, x: elbo_loss(vae, x, k)
     if name == "meanfield":
@@ -108,7 +119,7 @@ def make_loss(name: str, k: int):
         return lambda vae, x: iwae_loss(vae, x, k)
     if name == "dreg":
         return lambda vae, x: dreg_loss(vae, x, k)
-    raise ValueError(f"reference has no loss {name!r}")
+    raise ValueError(f"the plain reference implements elbo, meanfield, iwae and dreg, not {name!r}")
 
 
 @torch.no_grad()
@@ -136,70 +147,112 @@ def train_epoch(vae, optimizer, data, batch_size, loss_fn):
     return float(total) / len(batches)
 
 
-def train_reference(data, preset="iwae1", epochs=10, batch_size=100, lr=1e-3, seed=0, loss="elbo", k=1,
-                    quiet=False):
-    """Train the plain-PyTorch VAE; returns (vae, metrics rows like pyro_vae.train's)."""
-    torch.manual_seed(seed)
-    p = PRESETS[preset]
-    vae = TorchVAE(data.x_dim, p["z_dim"], p["hidden"], p["activation"],
-                   data.train_mean() if p["init_output_bias"] else None).to(data.train.device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    loss_fn = make_loss(loss, k)
-    rows = []
-    for epoch in range(1, epochs + 1):
+def plain_from_toolkit(model, guide, activation: str) -> TorchVAE:
+    """The hand-written VAE holding the weights of a toolkit model/guide pair (vae + gaussian)."""
+    hidden = [m.out_features for m in guide.encoder.body if isinstance(m, nn.Linear)][:-1]
+    net = TorchVAE(model.x_dim, model.z_dim, hidden, activation)
+    for src, dst in ((guide.encoder.body, net.encoder), (model.decoder, net.decoder)):
+        for s, d in zip(src.parameters(), dst.parameters(), strict=True):
+            d.data.copy_(s.data)
+    return net.to(next(model.parameters()).device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PlainTrainer:
+    """The plain loop, one epoch per call (train_epoch, then the test bound, as train() does),
+    with its own RNG stream so that its epochs can alternate with the toolkit's."""
+
+    def __init__(self, net, data, spec, batch_size, lr, seed, device):
+        name, opts = parse_spec(spec)
+        self.loss_fn = make_loss(name, int(opts.get("K", 1)))
+        self.net, self.data, self.batch_size, self.device = net, data, batch_size, device
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+        pyro.set_rng_seed(seed)
+        self.rng = torch.get_rng_state()
+
+    def epoch(self) -> float:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        sync(self.device)
         t0 = time.perf_counter()
-        vae.train()
-        train = train_epoch(vae, optimizer, data, batch_size, loss_fn)
-        rows.append({"epoch": epoch, "train_loss": train, "test_loss": test_loss(vae, data.test, loss_fn),
-                     "epoch_time_s": time.perf_counter() - t0})
-        if not quiet:
-            print(f"reference epoch {epoch:3d}  train {train:.2f}  test {rows[-1]['test_loss']:.2f}  "
-                  f"{rows[-1]['epoch_time_s']:.1f}s", file=sys.stderr)
-    return vae, rows
+        train_epoch(self.net, self.opt, self.data, self.batch_size, self.loss_fn)
+        self.test_loss = test_loss(self.net, self.data.test, self.loss_fn)
+        sync(self.device)
+        elapsed = time.perf_counter() - t0
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(outer)
+        return elapsed
 
 
 def main(argv=None):
-    import pyro
-
-    from pyro_vae.config import TrainConfig
-    from pyro_vae.evaluate import evaluate
-    from pyro_vae.run import load_run
-    from pyro_vae.train import train
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="iwae1", choices=sorted(PRESETS))
-    p.add_argument("--estimator", default="elbo", help="elbo or iwae (toolkit name; K from --particles)")
-    p.add_argument("--particles", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--preset", default="iwae1", choices=["seed", "iwae1"])
+    p.add_argument("--estimators", nargs="+", default=["iwae:K=50"],
+                   help="toolkit specs: elbo, meanfield, iwae:K=k, dreg:K=k")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-size", type=int)
+    p.add_argument("--test-size", type=int)
     p.add_argument("--k", type=int, default=1000, help="importance samples for the test log-likelihood")
+    p.add_argument("--no-eval", action="store_true", help="timing only")
+    p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/reference-compare")
+    p.add_argument("--out", help="folder for the toolkit runs (default: a temporary folder)")
     args = p.parse_args(argv)
 
-    data = load_dataset("binarized-mnist", args.device)
-    config = TrainConfig.from_dict(dict(preset=args.preset, estimator=args.estimator, particles=args.particles,
-                                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                        seed=args.seed, device=args.device))
-    tk_rows = train(config, args.out, dataset=data)
-    _, model, guide = load_run(args.out, args.device)
-    vae, ref_rows = train_reference(data, args.preset, args.epochs, args.batch_size, args.lr, args.seed,
-                                    args.estimator, args.particles)
-    pyro.set_rng_seed(args.seed)
-    tk_ll = evaluate(model, guide, data.test, k=args.k, psis=False)["test_log_likelihood"]
-    torch.manual_seed(args.seed)
-    ref_ll = log_likelihood(vae.eval(), data.test, k=args.k)
-    tk_t = sum(r["epoch_time_s"] for r in tk_rows) / len(tk_rows)
-    ref_t = sum(r["epoch_time_s"] for r in ref_rows) / len(ref_rows)
-    print(f"\n{args.preset}, {args.estimator} K={args.particles}, binarized-mnist, batch {args.batch_size}, "
-          f"Adam {args.lr:g}, {args.epochs} epochs, test log p(x) with k={args.k}")
-    print("| implementation | final test loss | test log p(x) | s/epoch |")
-    print("|---|---|---|---|")
-    print(f"| pyro-vae | {tk_rows[-1]['test_loss']:.2f} | {tk_ll:.2f} | {tk_t:.2f} |")
-    print(f"| plain PyTorch | {ref_rows[-1]['test_loss']:.2f} | {ref_ll:.2f} | {ref_t:.2f} |")
-    print(f"difference (pyro-vae - reference): {tk_ll - ref_ll:+.2f} nats")
+    device = resolve_device(args.device)
+    data = load_dataset("binarized-mnist", device, train_size=args.train_size, test_size=args.test_size)
+    out = Path(args.out or tempfile.mkdtemp(prefix="pyro-vae-bench-"))
+    print(f"{args.preset} on binarized MNIST ({len(data.train)} train, {len(data.test)} test), batch {args.batch_size}, "
+          f"Adam {args.lr}, {args.epochs} epochs, device {device}, torch {torch.__version__}", flush=True)
+    rows = []
+    for spec in args.estimators:
+        try:
+            make_loss(parse_spec(spec)[0])  # fail before training on a loss the reference lacks
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        config = TrainConfig.from_dict(dict(preset=args.preset, dataset="binarized-mnist", estimator=spec,
+                                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                            seed=args.seed, device=str(device)))
+        # the same initial weights: build the toolkit pair under the seed train() uses, copy them
+        config.x_dim = data.x_dim
+        pyro.set_rng_seed(args.seed)
+        model, guide = build_model_and_guide(config, data.train_mean())
+        net = plain_from_toolkit(model.to(device), guide.to(device), PRESETS[args.preset]["activation"])
+        run = out / spec.replace(":", "_")
+        plain = PlainTrainer(net, data, spec, args.batch_size, args.lr, args.seed, device)
+        t_tool, t_plain = [], []
+        for epoch in range(1, args.epochs + 1):  # alternate epochs: both see the same machine load
+            config.epochs = epoch
+            t_tool.append(train(config, run, resume=epoch > 1, quiet=True, dataset=data)[-1]["epoch_time_s"])
+            t_plain.append(plain.epoch())
+            print(f"  epoch {epoch}: toolkit {t_tool[-1]:.2f} s, plain {t_plain[-1]:.2f} s", flush=True)
+        ratios = sorted(a / b for a, b in zip(t_tool, t_plain))
+        row = {"estimator": spec, "toolkit_s": sum(t_tool) / len(t_tool), "plain_s": sum(t_plain) / len(t_plain),
+               "ratio": ratios[len(ratios) // 2]}
+        if not args.no_eval:
+            _, model, guide = load_run(run, device)
+            pyro.set_rng_seed(args.seed)
+            row["toolkit_ll"] = evaluate(model, guide, data.test, args.k)["test_log_likelihood"]
+            pyro.set_rng_seed(args.seed)
+            row["plain_ll"] = log_likelihood(net, data.test, args.k)
+        rows.append(row)
+        print(_format(row), flush=True)
+    return rows
+
+
+def _format(r):
+    s = (f"{r['estimator']:<10} toolkit {r['toolkit_s']:7.2f} s/epoch  plain {r['plain_s']:7.2f} s/epoch  "
+         f"median epoch ratio {r['ratio']:.3f}")
+    if "toolkit_ll" in r:
+        s += (f"  test log p(x): toolkit {r['toolkit_ll']:.2f}  plain {r['plain_ll']:.2f}  "
+              f"diff {r['toolkit_ll'] - r['plain_ll']:+.2f}")
+    return s
 
 
 if __name__ == "__main__":
