@@ -336,7 +336,8 @@ def evaluate(model, guide, x, k: int = 1000, max_batch_particles: int = 100_000,
     """Every figure of the evaluation of ``model``/``guide`` on the rows of ``x``, as a dict.
 
     - ``test_log_likelihood`` (nats, mean over points of log (1/k) sum_k w_k), ``test_nll``,
-      ``test_bits_per_dim`` (= nll / (D ln 2)); ``test_elbo`` (mean log w) and the ELBO split:
+      ``test_bits_per_dim`` (= nll / (D ln 2), D the dimensions the model scores: ``model.scored_dims``
+      where it sets one, such as the hidden pixels of ``cvae-quadrant``, else all); ``test_elbo`` (mean log w) and the ELBO split:
       ``distortion`` = -E_q log p(x|z), ``rate`` = KL(q(z|x) || p(z)) per site and per latent
       dimension (closed form when the model has a single latent site and torch knows the KL;
       Monte Carlo with the same particles otherwise; ``kl_method`` says which).
@@ -414,7 +415,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         "seed": seed,
         "test_log_likelihood": ll,
         "test_nll": -ll,
-        "test_bits_per_dim": -ll / (x.shape[1] * LN2),
+        "test_bits_per_dim": -ll / (getattr(model, "scored_dims", x.shape[1]) * LN2),
         "test_elbo": el,
         "elbo_gap": ll - el,
         "distortion": dist_,

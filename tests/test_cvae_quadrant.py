@@ -1,6 +1,8 @@
 """MNIST quadrant completion (cvae-quadrant) on real MNIST: the tutorial's masks, only the hidden
 pixels scored, completions that depend on the given quadrants."""
 
+import math
+
 import pytest
 import torch
 from pyro import poutine
@@ -52,7 +54,9 @@ def test_completions_depend_on_the_given_quadrants(quadrant_run):
     _, model, guide = load_run(run)
     x = data.test
     torch.manual_seed(0)
-    own = evaluate(model, guide, x, k=20)["test_log_likelihood"]
+    result = evaluate(model, guide, x, k=20)
+    own = result["test_log_likelihood"]
+    assert result["test_bits_per_dim"] == pytest.approx(-own / (392 * math.log(2)))  # hidden pixels only
     # the same hidden halves given the visible halves of other images
     swapped = torch.where(model.hidden_mask, x.roll(1, 0), x)
     other = evaluate(model, guide, swapped, k=20)["test_log_likelihood"]

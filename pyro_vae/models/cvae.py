@@ -124,6 +124,7 @@ class QuadrantCVAE(CVAE):
         if mask.numel() != x_dim:
             raise ValueError(f"image_shape {tuple(image_shape)} has {mask.numel()} pixels, the data {x_dim}")
         self.quadrants = quadrants
+        self.scored_dims = int(mask.sum())  # bits per dimension divide by the hidden pixels only
         self.register_buffer("hidden_mask", mask, persistent=False)
 
     def visible(self, x: torch.Tensor) -> torch.Tensor:
