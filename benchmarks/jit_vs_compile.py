@@ -3,10 +3,12 @@
 iwae1 architecture, ``elbo``, batch 100, one thread; medians of 3 rounds of 100 steps.
 
     python benchmarks/jit_vs_compile.py
+    python benchmarks/jit_vs_compile.py --device cuda
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -35,22 +37,29 @@ def stepper(objective, params, x):
     return step
 
 
-def ms_per_step(step, n=100) -> float:
+def ms_per_step(step, device, n=100) -> float:
     for _ in range(5):
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    device = torch.device(p.parse_args(argv).device)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     pyro.enable_validation(False)
     model, guide = build_model_and_guide(TrainConfig.from_dict(dict(preset="iwae1", x_dim=784)))
-    objective = Objective(model, guide, make_estimator("elbo"))
-    x = torch.bernoulli(torch.rand(100, 784) * 0.3)
+    objective = Objective(model.to(device), guide.to(device), make_estimator("elbo"))
+    x = torch.bernoulli(torch.rand(100, 784, device=device) * 0.3)
     steps = {"eager": stepper(objective, objective.parameters(), x),
              "jit": stepper(TracedObjective(objective), objective.parameters(), x)}
     t0 = time.time()
@@ -61,7 +70,7 @@ def main():
     times = {k: [] for k in steps}
     for _ in range(3):
         for k, step in steps.items():
-            times[k].append(ms_per_step(step))
+            times[k].append(ms_per_step(step, device))
     for k, v in times.items():
         print(f"{k:8s} {statistics.median(v):.2f} ms/step")
 

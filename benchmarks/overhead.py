@@ -5,7 +5,11 @@ toolkit, ...) so that both see the same machine load; the table gives the median
 epoch of each and their ratio (toolkit / reference; goal <= 1.05 at K=1, <= 1.10 at K=50).
 
     python benchmarks/overhead.py                       # seed and iwae1; elbo, meanfield, iwae:K=50
-    python benchmarks/overhead.py --device cuda --batch-size 128
+    python benchmarks/overhead.py --device cuda --batch-size 128 512 4096    # a batch-size sweep
+    python benchmarks/overhead.py --device cuda --amp bf16                    # both sides in bf16
+
+With ``--amp bf16`` both sides run their weight layers under the same autocast
+(``pyro_vae.amp.autocast_layers``), so the ratio still compares like with like.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reference_torch import TorchVAE, make_loss  # noqa: E402
 from reference_torch import train_epoch as reference_epoch  # noqa: E402
 
+from pyro_vae.amp import amp_dtype, autocast_layers  # noqa: E402
 from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import load_dataset  # noqa: E402
 from pyro_vae.objectives import ESTIMATORS, Objective, make_estimator, parse_spec  # noqa: E402
@@ -56,20 +61,24 @@ def machine() -> dict:
 
 
 def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, jit=False, lr=1e-3,
-            seed=0) -> dict:
+            seed=0, amp=None) -> dict:
     name, opts = parse_spec(spec)
     k = int(opts.get("K", 1))
     config = TrainConfig.from_dict(dict(preset=preset, estimator=spec, x_dim=data.x_dim))
     torch.manual_seed(seed)
     model, guide = build_model_and_guide(config, data.train_mean())
-    objective = Objective(model.to(device), guide.to(device), make_estimator(spec))
+    model, guide = model.to(device), guide.to(device)
+    p = PRESETS[preset]
+    vae = TorchVAE(data.x_dim, p["z_dim"], p["hidden"], p["activation"],
+                   data.train_mean() if p["init_output_bias"] else None).to(device)
+    if amp:
+        for module in (model, guide, vae):
+            autocast_layers(module, device.type, amp_dtype(amp))
+    objective = Objective(model, guide, make_estimator(spec))
     if jit:
         objective = TracedObjective(objective)
     optimizer = torch.optim.Adam(objective.parameters(), lr=lr)
     schedule = KLSchedule()
-    p = PRESETS[preset]
-    vae = TorchVAE(data.x_dim, p["z_dim"], p["hidden"], p["activation"],
-                   data.train_mean() if p["init_output_bias"] else None).to(device)
     ref_optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     ref_loss = make_loss(name, k)
 
@@ -80,48 +89,54 @@ def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, 
         if epoch:
             tk.append(t_tk), ref.append(t_ref)
     a, b = statistics.median(tk), statistics.median(ref)
-    return {"preset": preset, "estimator": spec, "jit": jit, "batch_size": batch_size, "toolkit_s": a,
-            "reference_s": b, "ratio": a / b, "epochs_timed": epochs}
+    return {"preset": preset, "estimator": spec, "jit": jit, "amp": amp, "batch_size": batch_size,
+            "toolkit_s": a, "reference_s": b, "ratio": a / b, "samples_per_s": len(data.train) / a,
+            "epochs_timed": epochs}
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['preset']} | {r['estimator']} | {'jit' if r['jit'] else 'eager'} | {r['batch_size']} | "
-            f"{r['toolkit_s']:.3f} | {r['reference_s']:.3f} | {r['ratio']:.3f} |")
+    mode = ("jit" if r["jit"] else "eager") + (f" {r['amp']}" if r.get("amp") else "")
+    return (f"| {r['preset']} | {r['estimator']} | {mode} | {r['batch_size']} | "
+            f"{r['toolkit_s']:.3f} | {r['reference_s']:.3f} | {r['ratio']:.3f} | {r['samples_per_s']:,.0f} |")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["seed", "iwae1"])
     p.add_argument("--estimators", nargs="+", default=["elbo", "meanfield", "iwae:K=50"])
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[100], help="one or more (a sweep)")
     p.add_argument("--modes", nargs="+", default=["eager", "jit"], choices=["eager", "jit"],
                    help="toolkit as is, and with --jit (the traced objective)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after one warm-up)")
     p.add_argument("--train-size", type=int, default=None, help="default: all 60,000 images")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="benchmarks/results", help="folder for overhead.json / overhead.md")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="weight layers of both sides in bfloat16")
+    p.add_argument("--out", default="benchmarks/results", help="folder for TAG.json / TAG.md")
+    p.add_argument("--tag", default=None, help="file name stem (default: overhead-DEVICE[-AMP])")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
     data = load_dataset("binarized-mnist", device, train_size=args.train_size, test_size=1)
     rows = []
-    header = ["| preset | estimator | mode | batch | pyro-vae s/epoch | PyTorch s/epoch | ratio |",
-              "|---|---|---|---|---|---|---|"]
+    header = ["| preset | estimator | mode | batch | pyro-vae s/epoch | PyTorch s/epoch | ratio | pyro-vae samples/s |",
+              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(header))
     for preset in args.presets:
         for spec in args.estimators:
             if parse_spec(spec)[0] not in ESTIMATORS:
                 print(f"| {preset} | {spec} | skipped: estimator not available |", file=sys.stderr)
                 continue
-            for mode in args.modes:
-                if mode == "jit" and not getattr(make_estimator(spec), "traceable", True):
-                    continue  # e.g. dreg: gradient hooks cannot be traced
-                r = measure(data, preset, spec, args.batch_size, args.epochs, device, jit=mode == "jit")
-                rows.append(r)
-                print(_row(r), flush=True)
+            for batch_size in args.batch_size:
+                for mode in args.modes:
+                    if mode == "jit" and not getattr(make_estimator(spec), "traceable", True):
+                        continue  # e.g. dreg: gradient hooks cannot be traced
+                    r = measure(data, preset, spec, batch_size, args.epochs, device, jit=mode == "jit",
+                                amp=args.amp)
+                    rows.append(r)
+                    print(_row(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"overhead-{device.type}"
+    tag = args.tag or f"overhead-{device.type}" + (f"-{args.amp}" if args.amp else "")
     result = {"machine": machine(), "device": str(device), "train_size": len(data.train), "rows": rows}
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {tag}", "", f"command: python {' '.join(sys.argv)}", "",

@@ -155,14 +155,24 @@ class BlockNoise(Messenger):
 # PSIS through ArviZ (0.2x: arviz.psislw; 1.x: arviz_stats)
 
 
+PSIS_MIN_DRAWS = 25  # the right tail is S/5 draws (below 225 draws), and a fit needs 5
+
+
 def psislw(log_weights: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Pareto-smoothed log weights and k-hat along the last axis (Vehtari et al. 2024).
 
     Works with arviz 0.2x (``arviz.psislw``) and with arviz 1.x, where PSIS lives in
     ``arviz_stats`` (whose ``psislw`` takes log-*likelihood* values and negates them, so the
     log weights are passed negated).
+
+    With fewer than ``PSIS_MIN_DRAWS`` weights the tail is too short to fit (under 5 draws):
+    the weights are only normalized and k-hat is inf, as arviz 0.2x reports (1.x raises).
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.shape[-1] < PSIS_MIN_DRAWS:
+        top = log_weights.max(-1, keepdims=True)
+        log_norm = top + np.log(np.exp(log_weights - top).sum(-1, keepdims=True))
+        return log_weights - log_norm, np.full(log_weights.shape[:-1], np.inf)
     try:
         from arviz_stats.base import array_stats
     except ImportError:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("estimator", ["elbo", "meanfield", "elbo:K=4"])
+@pytest.mark.parametrize("estimator", ["elbo", "meanfield", "elbo:K=4", "iwae:K=4", "dreg:K=4"])
 def test_training_on_cuda_keeps_everything_on_the_device(tmp_path, estimator):
     data = load_dataset("binarized-mnist", "cuda", train_size=2000, test_size=500)
     assert data.train.is_cuda

@@ -123,10 +123,14 @@ def _to_particle_data_shape(lp: torch.Tensor, k: int, b: int) -> torch.Tensor:
 
 
 def log_weight_parts(model_trace, guide_trace, k: int, b: int, detach_guide_params=False):
-    """(log p(x, z), log q(z|x)) per particle and data point, each (K, B)."""
+    """(log p(x, z), log q(z|x)) per particle and data point, each (K, B).
+
+    Plates' subsample sites are left out: their log-density is 0, and a CPU tensor even when
+    the model runs on CUDA (``pyro.plate`` without ``device=``).
+    """
     log_p = sum(
         _to_particle_data_shape(site_log_prob(s), k, b)
-        for s in model_trace.nodes.values() if s["type"] == "sample"
+        for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
     )
     log_q = sum(
         _to_particle_data_shape(site_log_prob(s, detach_guide_params), k, b)

@@ -8,6 +8,13 @@ so it draws the same random numbers and returns the same values (checked when it
 
 Like Pyro's own JIT ELBOs (``JitTrace_ELBO``), it assumes the programs' control flow does not
 depend on tensor values. KL weights (beta) enter as tensors, so schedules keep working.
+
+The trace is replayed with TorchScript's graph optimizations off
+(``torch.jit.optimized_execution(False)``): the same kernels as eager, gradients by ordinary
+autograd. With them on, the profiling executor's fusions and symbolic gradients made CUDA
+steps 1.8x (batch 1024) to 3.7x (batch 4096) slower than eager on an H200; off, the trace is
+within 10% of hand-written PyTorch at every batch size and no slower on the CPU
+(``benchmarks/results/overhead-cuda-h200.md``).
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ class TracedObjective(nn.Module):
         traced = self._traces.get(key)
         if traced is None:
             traced = self._traces[key] = self._trace(x, args, wkeys, ckeys)
-        return traced(x, *args)
+        with torch.jit.optimized_execution(False):
+            return traced(x, *args)
 
     def _scalar(self, key: str, value: float, like: torch.Tensor) -> torch.Tensor:
         """A device scalar reused across steps: ``fill_`` sets it without a host round trip."""
@@ -75,7 +83,7 @@ class TracedObjective(nn.Module):
                 traced = torch.jit.trace(call, (x, *args), check_trace=False)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             eager = call(x, *args)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.jit.optimized_execution(False):
             replay = traced(x, *args)
         if not torch.allclose(eager, replay, rtol=1e-4, atol=1e-4):
             raise RuntimeError(
