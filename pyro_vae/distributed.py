@@ -38,6 +38,13 @@ class World:
     def device(self, device: torch.device) -> torch.device:
         """Each process on a GPU of its own (cuda:LOCAL_RANK) when training on CUDA."""
         if self.size > 1 and device.type == "cuda" and device.index is None:
+            gpus = torch.cuda.device_count()
+            if self.local_rank >= gpus:
+                raise ValueError(
+                    f"process {self.local_rank} of this machine has no GPU of its own: it has {gpus}, "
+                    f"and nccl needs one per process. Start at most {gpus} per machine "
+                    f"(--nproc {gpus}, or torchrun --nproc-per-node {gpus}), or train on the CPU (--device cpu)."
+                )
             return torch.device("cuda", self.local_rank)
         return device
 

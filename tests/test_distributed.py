@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from pyro_vae.distributed import World
 from pyro_vae.run import load_checkpoint, read_metrics
 
 TESTS = Path(__file__).parent
@@ -46,3 +48,11 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
         assert abs(ra["test_loss"] - rb["test_loss"]) < 1e-3 * abs(ra["test_loss"])
     rng = load_checkpoint(tmp_path / "ddp")["rng"]  # one RNG state per rank, each its own
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert World(0, 2, 0).device(torch.device("cuda")) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"has no GPU of its own: it has 1.*--nproc 1"):
+        World(1, 2, 1).device(torch.device("cuda"))
+    assert World(1, 2, 1).device(torch.device("cpu")) == torch.device("cpu")
