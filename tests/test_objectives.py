@@ -283,3 +283,20 @@ def test_objective_steps_reduce_the_loss(spec):
         objective(x, beta=0.9).backward()
         opt.step()
     assert float(objective(x)) < first - 1.0
+
+
+@pytest.mark.parametrize("name", ["iwae", "stl", "dreg", "miwae", "ciwae", "piwae"])
+def test_plate_subsample_sites_stay_out_of_the_log_weights(monkeypatch, name):
+    """A plate records a subsample site whose log-density is 0: a CPU tensor even on CUDA, which
+    broke every importance-weighted estimator there. The log-weights must not read it."""
+    from pyro.poutine.subsample_messenger import _Subsample
+
+    torch.manual_seed(0)
+    model = LinearGaussian(x_dim=4, z_dim=2)
+    x = torch.randn(8, 4)
+    expected = Objective(model, ExactPosteriorGuide(model), make_estimator(name, 4))
+    torch.manual_seed(1)
+    value = float(expected(x))
+    monkeypatch.setattr(_Subsample, "log_prob", lambda self, v: torch.full((3, 1, 1), math.nan))
+    torch.manual_seed(1)
+    assert float(expected(x)) == value
