@@ -4,6 +4,7 @@ of Pyro's SS-VAE tutorial (784-500-50, softplus, batch 200, lr 4.2e-4, aux weigh
 of q(y|x) at the epoch of best validation accuracy, beside the tutorial's after 50 epochs.
 
     python examples/ssvae.py --labels 100 600 --epochs 50 [--device cuda]
+    python examples/ssvae.py --labels 600 1000 3000 --epochs 50 --lr 4.2e-3   # 0.945 / 0.960 / 0.964
 """
 
 import argparse
@@ -20,7 +21,8 @@ p.add_argument("--train-size", type=int)
 p.add_argument("--labelled-every", type=int, default=0,
                help="a labelled batch after every N unlabelled ones (0: each label once per epoch)")
 p.add_argument("--lr", type=float, default=4.2e-4,
-               help="Adam learning rate (the tutorial's 4.2e-4; Pyro's own 3000-label log used 4.2e-3)")
+               help="Adam learning rate (the tutorial's 4.2e-4; Pyro's own 3000-label log used 4.2e-3, "
+                    "which in 50 epochs matches or beats the tutorial at 600-3000 labels but hurts at 100)")
 p.add_argument("--device", default="auto")
 p.add_argument("--out", default="runs/example-ssvae")
 args = p.parse_args()
