@@ -13,8 +13,8 @@ The trace is replayed with TorchScript's graph optimizations off
 (``torch.jit.optimized_execution(False)``): the same kernels as eager, gradients by ordinary
 autograd. With them on, the profiling executor's fusions and symbolic gradients made CUDA
 steps 1.8x (batch 1024) to 3.7x (batch 4096) slower than eager on an H200; off, the trace is
-within 10% of hand-written PyTorch at every batch size and no slower on the CPU
-(``benchmarks/results/overhead-cuda-h200.md``).
+1.05-1.13x hand-written PyTorch at batch 128 to 4096 and no slower on the CPU
+(``benchmarks/results/cuda-h200.md``).
 """
 
 from __future__ import annotations
