@@ -129,7 +129,7 @@ def main(argv=None):
             for batch_size in args.batch_size:
                 for mode in args.modes:
                     if mode == "jit" and not getattr(make_estimator(spec), "traceable", True):
-                        continue  # e.g. dreg: gradient hooks cannot be traced
+                        continue  # an estimator whose gradient hooks a trace would drop
                     r = measure(data, preset, spec, batch_size, args.epochs, device, jit=mode == "jit",
                                 amp=args.amp)
                     rows.append(r)

@@ -48,14 +48,14 @@ def _latent_sites(trace):
 
 def _replay(model, guide_trace, x, num_particles, max_plate_nesting, value_fn, **context):
     """Trace ``model`` replayed on ``guide_trace`` with each latent value replaced by
-    ``value_fn(value)``; returns (model trace, the guide trace with the replaced values).
+    ``value_fn(name, value)``; returns (model trace, the guide trace with the replaced values).
 
-    With ``value_fn = torch.Tensor.detach`` the model sees stopped samples (no path to the
-    guide); with a view, a gradient hook on the view scales only what log w sends to the guide.
+    With ``value.detach()`` the model sees stopped samples (no path to the guide); with
+    ``ScaleGrad``, what log w sends back to the guide is scaled by the importance weights.
     """
     replaced = guide_trace.copy()
     for name, site in _latent_sites(guide_trace):
-        replaced.nodes[name] = {**site, "value": value_fn(site["value"])}
+        replaced.nodes[name] = {**site, "value": value_fn(name, site["value"])}
     model_trace = poutine.trace(
         poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=replaced)
     ).get_trace(x, **context)
@@ -164,35 +164,50 @@ class DReG(ImportanceWeightedELBO):
     With normalized weights w~_k = w_k / sum_j w_j, the guide gets
     sum_k w~_k^2 d log w_k / dz_k  dz_k / dphi  (log q with stopped parameters), the model gets
     the ordinary IWAE gradient sum_k w~_k d log p(x, z_k) / dtheta. One forward pass: the
-    surrogate sum_k w~_k log w_k (stop-gradient w~) gives the model's gradient, and a hook on
-    each latent value multiplies what flows back into the guide by w~_k once more (the form
-    used in public DReG code, e.g. the MMVAE objectives). The model replays a *view* of each
-    guide sample, so a guide whose later sites depend on earlier ones is scaled exactly once.
+    surrogate sum_k w~_k log w_k (stop-gradient w~) gives the model's gradient, and each latent
+    value reaches the model through ``ScaleGrad``, which multiplies what flows back into the
+    guide by w~_k once more (the form used in public DReG code, e.g. the MMVAE objectives). The
+    weights are written into its buffer once the model has scored the samples; being tensor
+    operations, not hooks, this survives ``torch.jit.trace`` (``--jit``).
     """
-
-    traceable = False  # its gradient hooks would not survive torch.jit.trace (see --jit)
 
     name = "dreg"
 
     def surrogate(self, model, guide, x, **context):
         guide_trace = self._guide_trace(guide, x, **context)
-        model_trace, viewed = _replay(model, guide_trace, x, self.num_particles,
-                                      self.max_plate_nesting, lambda v: v.view_as(v), **context)
-        lw = self._log_weights(model_trace, viewed, x, detach_guide_params=True)
+        buffers = {name: _weight_buffer(site, self.num_particles, x.shape[0])
+                   for name, site in _latent_sites(guide_trace) if site["value"].requires_grad}
+        model_trace, scaled = _replay(model, guide_trace, x, self.num_particles, self.max_plate_nesting,
+                                      lambda name, v: ScaleGrad.apply(v, buffers[name]) if name in buffers else v,
+                                      **context)
+        lw = self._log_weights(model_trace, scaled, x, detach_guide_params=True)
         w = torch.softmax(lw.detach(), 0)
-        for _, site in _latent_sites(viewed):
-            if site["value"].requires_grad:
-                site["value"].register_hook(_scale_per_particle(w, site))
+        for buffer in buffers.values():
+            buffer.copy_(w.reshape(buffer.shape))
         return _log_mean_exp(lw.detach()), (w * lw).sum(0)
 
 
-def _scale_per_particle(w: torch.Tensor, site):
-    """A gradient hook multiplying a site's (K, ..., B, event...) gradient by w, (K, B)."""
+class ScaleGrad(torch.autograd.Function):
+    """Identity on the way forward; on the way back, the gradient times ``weight``, a buffer the
+    caller fills after the forward pass (DReG's weights exist only once the model has run)."""
+
+    @staticmethod
+    def forward(ctx, value, weight):
+        ctx.weight = weight  # not saved_tensors: it is written after this call, by design
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.weight, None
+
+
+def _weight_buffer(site, k: int, b: int) -> torch.Tensor:
+    """An empty (K, 1.., B, 1..) tensor that broadcasts (K, B) weights over a site's value
+    (particles first, data last among its batch dims, then its event dims)."""
     event_dim = site["fn"].event_dim
     batch_dims = site["value"].dim() - event_dim
-    shape = (w.shape[0],) + (1,) * (batch_dims - 2) + (w.shape[1],) + (1,) * event_dim
-    weight = w.reshape(shape)
-    return lambda grad: grad * weight
+    shape = (k,) + (1,) * (batch_dims - 2) + (b,) + (1,) * event_dim
+    return site["value"].new_empty(shape)
 
 
 class MIWAE(ImportanceWeightedELBO):
@@ -245,10 +260,10 @@ class PIWAE(MIWAE):
     def surrogate(self, model, guide, x, **context):
         guide_trace = self._guide_trace(guide, x, **context)
         model_trace, _ = _replay(model, guide_trace, x, self.num_particles,
-                                 self.max_plate_nesting, lambda v: v, **context)
+                                 self.max_plate_nesting, lambda name, v: v, **context)
         lw = self._log_weights(model_trace, guide_trace, x)
         stopped_trace, stopped = _replay(model, guide_trace, x, self.num_particles,
-                                         self.max_plate_nesting, torch.Tensor.detach, **context)
+                                         self.max_plate_nesting, lambda name, v: v.detach(), **context)
         lw_theta = self._log_weights(stopped_trace, stopped, x, detach_guide_params=True)
         iwae = _log_mean_exp(lw_theta)
         return iwae, self.bound(lw) + iwae - self.bound(lw_theta)
