@@ -170,9 +170,8 @@ def psislw(log_weights: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, np.
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
     if log_weights.shape[-1] < PSIS_MIN_DRAWS:
-        top = log_weights.max(-1, keepdims=True)
-        log_norm = top + np.log(np.exp(log_weights - top).sum(-1, keepdims=True))
-        return log_weights - log_norm, np.full(log_weights.shape[:-1], np.inf)
+        normalized = log_weights - np.logaddexp.reduce(log_weights, axis=-1, keepdims=True)
+        return normalized, np.full(log_weights.shape[:-1], np.inf)
     try:
         from arviz_stats.base import array_stats
     except ImportError:
