@@ -128,8 +128,6 @@ def main(argv=None):
                 continue
             for batch_size in args.batch_size:
                 for mode in args.modes:
-                    if mode == "jit" and not getattr(make_estimator(spec), "traceable", True):
-                        continue  # an estimator whose gradient hooks a trace would drop
                     r = measure(data, preset, spec, batch_size, args.epochs, device, jit=mode == "jit",
                                 amp=args.amp)
                     rows.append(r)

@@ -7,7 +7,8 @@ replay them without Python. The traced graph performs the same operations in the
 so it draws the same random numbers and returns the same values (checked when it is traced).
 
 Like Pyro's own JIT ELBOs (``JitTrace_ELBO``), it assumes the programs' control flow does not
-depend on tensor values. KL weights (beta) enter as tensors, so schedules keep working.
+depend on tensor values, and that the estimator changes gradients by tensor operations (such as
+DReG's ``ScaleGrad``), not by gradient hooks, which a trace does not record. KL weights (beta) enter as tensors, so schedules keep working.
 
 The trace is replayed with TorchScript's graph optimizations off
 (``torch.jit.optimized_execution(False)``): the same kernels as eager, gradients by ordinary
@@ -46,9 +47,6 @@ class TracedObjective(nn.Module):
         if type(objective) is not Objective:
             raise ValueError(f"--jit traces the plain Objective (beta schedules, any estimator); "
                              f"{type(objective).__name__} (capacity or free bits) runs without --jit")
-        if not getattr(objective.estimator, "traceable", True):
-            raise ValueError(f"--jit cannot trace {type(objective.estimator).__name__}: its gradient hooks "
-                             f"are not recorded by torch.jit.trace. Train it without --jit.")
         self.objective = objective
         self._traces: dict = {}
         self._weights: dict[str, torch.Tensor] = {}
