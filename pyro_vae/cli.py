@@ -1,5 +1,5 @@
 """The ``pyro-vae`` command: parse, call the library, print. Subcommands:
-train, eval, sample, reconstruct, compare, demo."""
+train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, compare, demo."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ TRAIN_FLAGS = {
     "test_size": (int, "use only the first N test points"),
     "image_size": (int, "resize image-folder images to N x N"),
     "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
+    "classes": (int, "train and test on the rows of these labels only, e.g. --classes 0 1 2 3 4 5 6 7 8 "
+                     "(`pyro-vae anomaly RUN` then scores the other classes as anomalies)"),
     "labelled_every": (int, "with --labels: a labelled batch after every N unlabelled ones, cycling the labelled rows (0: each labelled row once per epoch)"),
     "preset": (str, "architecture preset: seed (784-400-20, ReLU), iwae1 (784-200-200-50, tanh) or iwae2 (two stochastic layers)"),
     "model": (str, "model name (vae, linear, hvae2, cvae, ...; see the README) or package.module:Class"),
@@ -60,7 +62,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         text = f"{help_} (default: {default})"
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif name == "hidden":
+        elif name in ("hidden", "classes"):
             p.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
             p.add_argument(flag, type=typ, default=None, help=text)
@@ -185,20 +187,136 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_reconstruct(args) -> int:
-    import torch
-
+def _test_data(config, model, n=None, all_classes=False, train_size=1):
+    """The run's test set (its first n rows), on the model's device; ``all_classes`` ignores
+    the run's --classes (anomaly detection scores the other classes too)."""
     from pyro_vae.data import load_dataset
+
+    return load_dataset(config.dataset, next(model.parameters()).device, config.data_dir, train_size=train_size,
+                        test_size=n, image_size=config.image_size, classes=None if all_classes else config.classes)
+
+
+def cmd_reconstruct(args) -> int:
+    from pyro_vae.applications import encode
     from pyro_vae.plots import save_reconstructions
 
     config, model, guide = _loaded(args)
-    data = load_dataset(config.dataset, next(model.parameters()).device, config.data_dir, train_size=1,
-                        test_size=args.n, image_size=config.image_size)
-    with torch.no_grad():
-        recon = model.decode(guide.posterior(data.test).mean).mean
+    x = _test_data(config, model, args.n).test
+    recon = model.decode(encode(guide, x)).mean
     out = Path(args.out or Path(args.run) / "figures" / "reconstructions.png")
-    save_reconstructions(data.test, recon, out, config.image_shape)
+    save_reconstructions(x, recon, out, config.image_shape)
     print(out)
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    from pyro_vae.applications import interpolate
+    from pyro_vae.plots import save_image_grid
+
+    config, model, guide = _loaded(args)
+    x = _test_data(config, model, 2 * args.pairs).test
+    if len(x) < 2:
+        raise ValueError("interpolation needs at least two test points")
+    x_a, x_b = x[0::2][: len(x) // 2], x[1::2][: len(x) // 2]
+    path = interpolate(model, guide, x_a, x_b, args.steps, args.method)
+    rows = torch.cat([x_a[:, None], path, x_b[:, None]], 1).reshape(-1, x.shape[-1])
+    out = Path(args.out or Path(args.run) / "figures" / "interpolations.png")
+    save_image_grid(rows, out, config.image_shape, nrow=args.steps + 2,
+                    title=f"test pairs (first and last column) and the decoded {args.method} path between their codes")
+    print(out)
+    return 0
+
+
+def cmd_traverse(args) -> int:
+    from pyro_vae.applications import most_active_dims, traverse
+    from pyro_vae.plots import save_image_grid
+
+    config, model, guide = _loaded(args)
+    x = _test_data(config, model, max(1000, args.index + 1)).test
+    if not 0 <= args.index < len(x):
+        raise ValueError(f"--index {args.index} is not a test point: the test set has {len(x)}")
+    dims = args.dims if args.dims else most_active_dims(guide, x, args.num_dims)
+    grid = traverse(model, guide, x[args.index : args.index + 1], dims, args.span, args.steps)[0]
+    out = Path(args.out or Path(args.run) / "figures" / "traversals.png")
+    save_image_grid(grid.reshape(-1, x.shape[-1]), out, config.image_shape, nrow=args.steps,
+                    title=f"test point {args.index}: latent dims {dims} (rows) from -{args.span:g} to {args.span:g}")
+    print(f"{out} (rows: dimensions {' '.join(map(str, dims))})")
+    return 0
+
+
+def cmd_impute(args) -> int:
+    import json
+
+    import torch
+
+    from pyro_vae.applications import imputation_error, impute, missing_mask
+    from pyro_vae.plots import save_image_grid
+
+    config, model, guide = _loaded(args)
+    data = _test_data(config, model, args.n, train_size=None)
+    x = data.test
+    observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, args.missing, args.fraction, args.seed)
+    r = impute(model, guide, x, observed, args.steps, args.burn_in, args.seed)
+    baseline = torch.where(observed, x, data.train.mean(0))
+    result = {"missing": args.missing, "fraction": args.fraction, "points": len(x), "steps": args.steps,
+              "burn_in": args.burn_in, "acceptance": r["acceptance"],
+              "rmse_imputed_mean": imputation_error(x, r["mean"], observed),
+              "rmse_training_mean": imputation_error(x, baseline, observed)}
+    shown = min(len(x), 16)
+    rows = torch.cat([torch.where(observed, x, 0.5)[:shown], x[:shown], r["mean"][:shown], r["sample"][:shown]])
+    out = Path(args.out or Path(args.run) / "figures" / "imputations.png")
+    save_image_grid(rows, out, config.image_shape, nrow=shown,
+                    title="input (missing grey), truth, E[x_m | x_o], one draw (Metropolis-within-Gibbs)")
+    (Path(args.run) / "impute.json").write_text(json.dumps(result, indent=2))
+    print(f"RMSE on the missing features: {result['rmse_imputed_mean']:.4f} (the training mean: "
+          f"{result['rmse_training_mean']:.4f}); acceptance {r['acceptance']:.2f}")
+    print(f"written: {Path(args.run) / 'impute.json'}, {out}")
+    return 0
+
+
+def cmd_anomaly(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from pyro_vae.applications import anomaly_scores, auroc
+    from pyro_vae.data import load_points
+    from pyro_vae.plots import save_image_grid
+
+    config, model, guide = _loaded(args)
+    data = _test_data(config, model, args.test_size, all_classes=True)
+    x, labels = data.test, data.test_labels
+    likelihood = getattr(model, "likelihood", None)
+    points = load_points(args.data, x.shape[-1], likelihood).to(x.device) if args.data else None  # fail early
+    result = {"k": args.k}
+    scores = anomaly_scores(model, guide, x, args.k, args.seed)
+    npz = {"test_scores": scores}
+    if config.classes is not None:
+        normal = torch.isin(labels, torch.as_tensor(config.classes, device=labels.device)).cpu().numpy()
+        result.update(trained_classes=config.classes, normal_points=int(normal.sum()),
+                      anomalous_points=int((~normal).sum()))
+        if normal.all():
+            raise ValueError("the run was trained on every class in the test set: no class is left to detect")
+        result["auroc_other_classes"] = auroc(scores[normal], scores[~normal])
+        npz["test_is_anomalous"] = ~normal
+        print(f"AUROC, test classes outside {config.classes} against those inside: {result['auroc_other_classes']:.4f}")
+    if points is not None:
+        file_scores = anomaly_scores(model, guide, points, args.k, args.seed)
+        npz["data_scores"] = file_scores
+        result.update(data=args.data, data_points=len(points), auroc_data=auroc(scores, file_scores))
+        print(f"AUROC, {args.data} ({len(points)} points) against the test set: {result['auroc_data']:.4f}")
+    top = np.argsort(-scores)[:32]
+    result["most_anomalous_test_points"] = top.tolist()
+    out = Path(args.out or Path(args.run) / "figures" / "anomalies.png")
+    save_image_grid(x[torch.as_tensor(top.copy(), device=x.device)], out, config.image_shape,
+                    title=f"the 32 test points of highest -log p(x) (k={args.k})")
+    np.savez(Path(args.run) / "anomaly_scores.npz", **npz)
+    (Path(args.run) / "anomaly.json").write_text(json.dumps(result, indent=2))
+    print(f"scores: -log p(x) (nats); median {np.median(scores):.2f}, 99th percentile {np.percentile(scores, 99):.2f}")
+    print(f"written: {Path(args.run) / 'anomaly.json'}, {Path(args.run) / 'anomaly_scores.npz'}, {out}")
     return 0
 
 
@@ -294,6 +412,35 @@ def build_parser() -> argparse.ArgumentParser:
     r = run_parser("reconstruct", "test images beside their reconstructions, as a PNG", cmd_reconstruct)
     r.add_argument("--n", type=int, default=32)
     r.add_argument("--out", help="PNG path (default RUN/figures/reconstructions.png)")
+    i = run_parser("interpolate", "decoded paths between the codes of pairs of test points, as a PNG", cmd_interpolate)
+    i.add_argument("--pairs", type=int, default=8)
+    i.add_argument("--steps", type=int, default=10, help="points on each path, its ends included")
+    i.add_argument("--method", choices=["slerp", "linear"], default="slerp",
+                   help="spherical (White 2016; the default) or straight-line interpolation")
+    i.add_argument("--out", help="PNG path (default RUN/figures/interpolations.png)")
+    v = run_parser("traverse", "latent traversals: one test point's code, one dimension varied per row, as a PNG",
+                   cmd_traverse)
+    v.add_argument("--index", type=int, default=0, help="the test point")
+    v.add_argument("--dims", type=int, nargs="+", help="latent dimensions (default: the --num-dims most active)")
+    v.add_argument("--num-dims", type=int, default=8)
+    v.add_argument("--span", type=float, default=3.0, help="values from -span to span (prior standard deviations)")
+    v.add_argument("--steps", type=int, default=9)
+    v.add_argument("--out", help="PNG path (default RUN/figures/traversals.png)")
+    m = run_parser("impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
+                   "writes RUN/impute.json", cmd_impute)
+    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default="bottom-half",
+                   help="which features are missing (the halves need images)")
+    m.add_argument("--fraction", type=float, default=0.5, help="share of missing features, with --missing random")
+    m.add_argument("--n", type=int, default=100, help="test points")
+    m.add_argument("--steps", type=int, default=500, help="sampler steps")
+    m.add_argument("--burn-in", type=int, default=100, help="first steps left out of E[x_m | x_o]")
+    m.add_argument("--out", help="PNG path (default RUN/figures/imputations.png)")
+    a = run_parser("anomaly", "anomaly scores -log p(x) of the test set (and --data); AUROC against held-out "
+                   "classes of a --classes run; writes RUN/anomaly.json", cmd_anomaly)
+    a.add_argument("--k", type=int, default=100, help="importance samples per point")
+    a.add_argument("--data", help="a .npy or .pt file of points to score against the test set")
+    a.add_argument("--test-size", type=int, help="score the first N test points only")
+    a.add_argument("--out", help="PNG path (default RUN/figures/anomalies.png)")
 
     c = sub.add_parser("compare", help="train one model per ELBO estimator and compare them",
                        description=cmd_compare.__doc__ + " Writes OUT/compare.md, OUT/compare.csv, "

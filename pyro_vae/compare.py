@@ -133,7 +133,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     device = resolve_device(base.device)
     if dataset is None:
         dataset = load_dataset(base.dataset, device, base.data_dir, base.validation, base.train_size,
-                               base.test_size, base.image_size)
+                               base.test_size, base.image_size, base.classes)
     rows, curves, first = [], {}, None
     for spec in estimators:
         cfg = TrainConfig.from_dict({**dataclasses.asdict(base), "estimator": spec})

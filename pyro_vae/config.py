@@ -38,6 +38,7 @@ class TrainConfig:
     image_size: int | None = None
     labels: int | None = None
     labelled_every: int = 0
+    classes: list[int] | None = None
     # model and guide
     preset: str | None = None
     model: str = "vae"

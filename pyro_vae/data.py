@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +271,25 @@ def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return obj, None
 
 
+def load_points(path: str | Path, x_dim: int | None = None, likelihood=None) -> torch.Tensor:
+    """All rows of a .npy or .pt file as flat float points (N, features), checked: finite, with
+    ``x_dim`` features where given, and inside the support of ``likelihood`` where given."""
+    path = Path(path)
+    if path.suffix not in (".npy", ".pt", ".pth") or not path.exists():
+        raise DataError(f"no .npy or .pt file at {path}")
+    x, _ = _read_tensor_file(path)
+    if x.dim() < 2:
+        raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
+    x = x.reshape(len(x), -1).float()
+    check_finite(x, f"the points in {path}")
+    if x_dim is not None and x.shape[1] != x_dim:
+        raise DataError(f"{path} has {x.shape[1]} features per point and the model expects {x_dim}: "
+                        f"give points shaped like its training data")
+    if likelihood is not None:
+        likelihood.check_support(x, f"the points in {path}")
+    return x
+
+
 def _read_image_folder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -294,6 +314,17 @@ def _split(x, y, test_fraction: float, seed: int = 0):
     return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
 
 
+def _keep_classes(x, y, classes, num_classes, name):
+    """The rows of x (and y) whose label is one of ``classes``."""
+    if y is None:
+        raise DataError(f"--classes needs labelled data, and {name!r} has no labels")
+    bad = sorted(c for c in set(classes) if not 0 <= c < (num_classes or 0))
+    if bad:
+        raise DataError(f"--classes {bad} are not labels of {name!r}: choose among 0..{(num_classes or 1) - 1}")
+    keep = torch.isin(y, torch.as_tensor(sorted(set(classes)), dtype=y.dtype))
+    return x[keep], y[keep]
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -305,11 +336,13 @@ def load_dataset(
     train_size: int | None = None,
     test_size: int | None = None,
     image_size: int | None = None,
+    classes: Sequence[int] | None = None,
 ) -> Dataset:
     """Load a dataset by name or path, validated and placed on ``device``.
 
     validation: hold out the last N training points as ``valid``. train_size / test_size:
-    keep only the first N points (quick runs and tests).
+    keep only the first N points (quick runs and tests). classes: keep only the rows of these
+    labels, in training and test data alike (labels keep their values).
     """
     path = Path(name)
     if name in BUILTIN_DATASETS:
@@ -339,6 +372,9 @@ def load_dataset(
         )
     flat = lambda t: t.reshape(len(t), -1).float()  # noqa: E731
     x_train, x_test = flat(x_train), flat(x_test)
+    if classes is not None:
+        (x_train, y_train), (x_test, y_test) = (_keep_classes(x, y, classes, num_classes, name)
+                                                for x, y in ((x_train, y_train), (x_test, y_test)))
     if train_size:
         x_train = x_train[:train_size]
         y_train = None if y_train is None else y_train[:train_size]

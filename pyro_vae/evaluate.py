@@ -477,7 +477,9 @@ def posterior_means(guide, x, num_samples: int = 64, seed: int = 0, chunk: int =
     """E_q[z_s | x] per latent site s of the guide, each (N, dims).
 
     Uses the mean of each site's distribution, averaged over ``num_samples`` draws of the sites
-    it depends on (exact for a single-site guide, Monte Carlo for layered ones).
+    it depends on (exact for a single-site Gaussian guide, Monte Carlo for layered ones), or,
+    where the distribution has no closed-form mean (a flow such as ``iaf``), the average of the
+    ``num_samples`` draws themselves.
     """
     from pyro import poutine
 
@@ -490,8 +492,10 @@ def posterior_means(guide, x, num_samples: int = 64, seed: int = 0, chunk: int =
             tr = poutine.trace(vectorize(guide, num_samples)).get_trace(xb, **context_rows(context, i, i + chunk))
         for name, s in tr.nodes.items():
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
-                m = s["fn"].mean
-                m = m.expand(s["value"].shape)
+                try:
+                    m = s["fn"].mean.expand(s["value"].shape)
+                except NotImplementedError:  # no closed form (a flow): average the draws
+                    m = s["value"]
                 out.setdefault(name, []).append(m.mean(0).reshape(len(xb), -1))
     return {name: torch.cat(v) for name, v in out.items()}
 
@@ -542,6 +546,10 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> 
 
         def rows(zi):  # log q(z_i | x_j) = -0.5 z_i^2 . prec_j + z_i . (loc_j prec_j) + const_j
             return -0.5 * (zi**2) @ prec.T + zi @ (loc * prec).T + const
+    elif isinstance(q, dist.TransformedDistribution):
+        raise ValueError(f"mutual information needs log q(z_i | x_j) for every pair of points; the flow of "
+                         f"{type(guide).__name__} gives it only by inverting its transforms N^2 times, so it "
+                         f"is not computed for this guide")
     else:
         z = q.sample()
 
@@ -604,7 +612,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     dev = resolve_device(device)
     config, model, guide = load_run(run_dir, dev)
     data = load_dataset(config.dataset, dev, config.data_dir, test_size=test_size or config.test_size,
-                        train_size=1, image_size=config.image_size)
+                        train_size=1, image_size=config.image_size, classes=config.classes)
     x = data.test
     pyro.set_rng_seed(seed)
     context = data.context(getattr(model, "context_keys", ()), split="test")  # labels for conditional models

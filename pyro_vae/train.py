@@ -188,7 +188,7 @@ def train(
 
     if dataset is None:
         dataset = load_dataset(config.dataset, device, config.data_dir, config.validation,
-                               config.train_size, config.test_size, config.image_size)
+                               config.train_size, config.test_size, config.image_size, config.classes)
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.num_classes = dataset.num_classes

@@ -12,7 +12,8 @@ def pyro_vae(*args, check=True):
     return proc
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct", "interpolate", "traverse",
+                                     "impute", "anomaly", "compare", "demo"])
 def test_every_subcommand_explains_itself(command):
     out = pyro_vae(command, "--help").stdout
     assert "usage: pyro-vae " + command in out and len(out) > 200

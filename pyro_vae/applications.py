@@ -1,0 +1,220 @@
+"""What people do with a trained VAE: encode data, interpolate between data points, traverse
+latent dimensions, score anomalies and impute missing features.
+
+Each works with any unconditional model that offers ``decode(z)`` (and, for imputation,
+``prior(batch_shape)``) and a guide that offers ``posterior(x)``: the built-in pairs and your
+own. ``z`` is the guide's first latent site, the one ``decode`` takes (``z1`` of ``hvae2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributions as tdist
+
+from pyro_vae.evaluate import evaluate, posterior_means
+
+
+def check_pair_for(what: str, model, guide) -> None:
+    """Raise ValueError naming the fix when ``model``/``guide`` cannot serve ``what``."""
+    keys = tuple(getattr(model, "context_keys", ())) or tuple(getattr(guide, "context_keys", ()))
+    if keys:
+        raise ValueError(f"{what} works with unconditional models; {type(model).__name__} also needs "
+                         f"{', '.join(keys)} (for class-conditional models use `pyro-vae sample --label`)")
+    if not hasattr(guide, "posterior") or not hasattr(model, "decode"):
+        raise ValueError(f"{what} needs a model with decode(z) and a guide with posterior(x); "
+                         f"{type(model).__name__} / {type(guide).__name__} lack one")
+
+
+def _decode_mean(model, z: torch.Tensor) -> torch.Tensor:
+    """Decoder means for codes of any leading shape (..., z_dim) -> (..., D)."""
+    flat = z.reshape(-1, z.shape[-1])
+    return model.decode(flat).mean.reshape(*z.shape[:-1], -1)
+
+
+@torch.no_grad()
+def encode(guide, x: torch.Tensor, num_samples: int = 64, seed: int = 0) -> torch.Tensor:
+    """E_q[z | x] for each row of x (N, z_dim): the closed-form mean of q(z|x) where it has one,
+    else the average of ``num_samples`` draws (a flow such as ``iaf``)."""
+    return next(iter(posterior_means(guide, x, num_samples, seed).values()))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between rows of a and b at fractions t (Shoemake 1985; White 2016,
+    "Sampling generative networks"): keeps the norm typical of a Gaussian prior, where the
+    straight line passes through the low-density centre. Returns (rows, len(t), dims)."""
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)[:, None, None]
+    t = t[None, :, None]
+    sin = torch.sin(omega)
+    straight = sin.abs() < 1e-6  # (anti)parallel codes: fall back to the straight line
+    safe = torch.where(straight, torch.ones_like(sin), sin)
+    wa = torch.where(straight, 1 - t, torch.sin((1 - t) * omega) / safe)
+    wb = torch.where(straight, t, torch.sin(t * omega) / safe)
+    return wa * a[:, None] + wb * b[:, None]
+
+
+@torch.no_grad()
+def interpolate(model, guide, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 10,
+                method: str = "slerp") -> torch.Tensor:
+    """Decoder means along the path from the code of each row of x_a to that of the same row of
+    x_b: (rows, steps, D), the first and last columns the two reconstructions.
+    ``method``: ``slerp`` (spherical, the default) or ``linear``."""
+    check_pair_for("interpolation", model, guide)
+    if steps < 2:
+        raise ValueError(f"--steps must be at least 2 (the two end points), got {steps}")
+    z_a, z_b = encode(guide, x_a), encode(guide, x_b)
+    t = torch.linspace(0, 1, steps, device=z_a.device)
+    if method == "slerp":
+        z = slerp(z_a, z_b, t)
+    elif method == "linear":
+        z = (1 - t)[None, :, None] * z_a[:, None] + t[None, :, None] * z_b[:, None]
+    else:
+        raise ValueError(f"unknown interpolation method {method!r}; choose slerp or linear")
+    return _decode_mean(model, z)
+
+
+@torch.no_grad()
+def most_active_dims(guide, x: torch.Tensor, n: int) -> list[int]:
+    """The n latent dimensions whose posterior mean varies most over the rows of x
+    (A_u = Var_x E_q[z_u|x], the active-unit statistic of Burda et al. 2016)."""
+    return encode(guide, x).double().var(0).argsort(descending=True)[:n].tolist()
+
+
+@torch.no_grad()
+def traverse(model, guide, x: torch.Tensor, dims, span: float = 3.0, steps: int = 9) -> torch.Tensor:
+    """Latent traversals (Higgins et al. 2017): for each row of x, its code with dimension d set
+    in turn to ``steps`` values from -span to span (prior standard deviations of N(0, I)), all
+    other dimensions kept, decoded: (rows, len(dims), steps, D)."""
+    check_pair_for("a latent traversal", model, guide)
+    z = encode(guide, x)
+    bad = [d for d in dims if not 0 <= d < z.shape[-1]]
+    if bad:
+        raise ValueError(f"latent dimensions {bad} do not exist: this model has {z.shape[-1]} (0..{z.shape[-1] - 1})")
+    values = torch.linspace(-span, span, steps, device=z.device)
+    grid = z[:, None, None, :].repeat(1, len(dims), steps, 1)
+    for i, d in enumerate(dims):
+        grid[:, i, :, d] = values
+    return _decode_mean(model, grid)
+
+
+def anomaly_scores(model, guide, x: torch.Tensor, k: int = 100, seed: int = 0, **evaluate_options) -> np.ndarray:
+    """-log p(x) per row by importance sampling with k particles (``evaluate``): the higher,
+    the less the model expects the row. Density scores are the classic VAE detector (An & Cho
+    2015); they are known to rank some out-of-distribution sets as *more* likely (Nalisnick et
+    al. 2019), so check the AUROC on data like yours."""
+    r = evaluate(model, guide, x, k, seed=seed, psis=False, return_points=True, **evaluate_options)
+    return -r["points"]["log_px"]
+
+
+def auroc(normal_scores, anomalous_scores) -> float:
+    """Area under the ROC curve of scores that should be higher for anomalies: the probability
+    that a random anomaly outscores a random normal row, ties counting one half (Mann-Whitney U
+    divided by n m)."""
+    normal, anomalous = np.asarray(normal_scores, float).ravel(), np.asarray(anomalous_scores, float).ravel()
+    if not len(normal) or not len(anomalous):
+        raise ValueError("AUROC needs at least one normal and one anomalous score")
+    scores = np.concatenate([normal, anomalous])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first copy
+    ranks = (first + (counts - 1) / 2.0)[inverse]  # ties share their average rank
+    u = ranks[len(normal):].sum() - len(anomalous) * (len(anomalous) + 1) / 2.0
+    return float(u / (len(normal) * len(anomalous)))
+
+
+def _observation_terms(model, z: torch.Tensor, x: torch.Tensor):
+    """(per-feature log p(x_d | z), the per-feature distribution) of the model's decoder at z."""
+    d = model.decode(z)
+    if not isinstance(d, tdist.Independent):
+        raise ValueError(f"imputation needs a decoder that factorizes over features (an Independent "
+                         f"distribution); {type(model).__name__}.decode gives {type(d).__name__}")
+    base = d.base_dist
+    return base.log_prob(x), base
+
+
+@torch.no_grad()
+def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int = 500,
+           burn_in: int = 100, seed: int = 0) -> dict:
+    """Missing features of x (where ``observed`` is False) from p(x_m | x_o), by the
+    Metropolis-within-Gibbs sampler of Mattei & Frellsen 2018 ("Leveraging the exact likelihood
+    of deep latent variable models"), with the guide as proposal. The chain on (z, x_m):
+
+    1. propose z' ~ q(z | x_o, x_m) and accept it with probability
+       min(1, p(x_o|z') p(z') q(z|x_o, x_m) / (p(x_o|z) p(z) q(z'|x_o, x_m)));
+    2. draw x_m ~ p(x_m | z).
+
+    Its stationary law is the exact p(z, x_m | x_o) for any guide with full support (the guide
+    only sets the mixing speed). Missing features start at 0 (Mattei & Frellsen's choice).
+
+    Returns ``mean``: x with its missing features replaced by E[x_m | x_o], estimated as the
+    average of the decoder mean E[x_m | z] over the steps after ``burn_in`` (Rao-Blackwellized);
+    ``sample``: x with the last draw of x_m; ``acceptance``: the share of accepted proposals.
+    """
+    check_pair_for("imputation", model, guide)
+    if not hasattr(model, "prior"):
+        raise ValueError(f"imputation needs the model's prior p(z): {type(model).__name__} has no prior(batch_shape)")
+    observed = observed.to(torch.bool).expand_as(x)
+    if not 0 <= burn_in < num_steps:
+        raise ValueError(f"burn_in ({burn_in}) must be at least 0 and below num_steps ({num_steps})")
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        current = torch.where(observed, x, torch.zeros_like(x))
+        n = x.shape[0]
+        prior = model.prior((n,))
+
+        def log_target(z, xc):  # log p(x_o | z) + log p(z)
+            lp, _ = _observation_terms(model, z, xc)
+            return torch.where(observed, lp, torch.zeros_like(lp)).sum(-1) + prior.log_prob(z)
+
+        q = guide.posterior(current)
+        z = q.sample()
+        target = log_target(z, current)
+        accepted, total = torch.zeros((), device=x.device), torch.zeros_like(x)
+        for step in range(num_steps):
+            q = guide.posterior(current)
+            proposal = q.sample()
+            proposal_target = log_target(proposal, current)
+            log_ratio = proposal_target - target + q.log_prob(z) - q.log_prob(proposal)
+            accept = torch.rand(n, device=x.device).log() < log_ratio
+            z = torch.where(accept[:, None], proposal, z)
+            target = torch.where(accept, proposal_target, target)
+            accepted += accept.float().mean()
+            _, px = _observation_terms(model, z, current)
+            current = torch.where(observed, x, px.sample())
+            if step >= burn_in:
+                total += px.mean
+    mean = total / (num_steps - burn_in)
+    return {"mean": torch.where(observed, x, mean), "sample": current, "acceptance": float(accepted) / num_steps}
+
+
+def missing_mask(n: int, x_dim: int, image_shape, pattern: str = "bottom-half", fraction: float = 0.5,
+                 seed: int = 0) -> torch.Tensor:
+    """Which features of n points are missing (True), shape (n, x_dim): ``bottom-half`` or
+    ``right-half`` of each image (``image_shape`` (C, H, W)), or ``random``: each feature
+    missing with probability ``fraction``, independently (missing completely at random)."""
+    if pattern == "random":
+        if not 0 < fraction < 1:
+            raise ValueError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, x_dim, generator=g) < fraction
+    if pattern not in ("bottom-half", "right-half"):
+        raise ValueError(f"unknown missing pattern {pattern!r}; choose bottom-half, right-half or random")
+    if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != x_dim:
+        raise ValueError(f"--missing {pattern} needs images, and this data is {x_dim} flat features; use --missing random")
+    c, h, w = image_shape
+    mask = torch.zeros(c, h, w, dtype=torch.bool)
+    if pattern == "bottom-half":
+        mask[:, h // 2:, :] = True
+    else:
+        mask[:, :, w // 2:] = True
+    return mask.reshape(1, -1).expand(n, -1)
+
+
+def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch.Tensor) -> float:
+    """Root mean squared error over the missing features only."""
+    missing = ~observed.to(torch.bool).expand_as(truth)
+    if not missing.any():
+        raise ValueError("no feature is missing: nothing to score")
+    return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
