@@ -136,7 +136,7 @@ def _observation_terms(model, z: torch.Tensor, x: torch.Tensor):
 
 @torch.no_grad()
 def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int = 500,
-           burn_in: int = 100, seed: int = 0) -> dict:
+           burn_in: int = 100, seed: int = 0, method: str = "mwg") -> dict:
     """Missing features of x (where ``observed`` is False) from p(x_m | x_o), by the
     Metropolis-within-Gibbs sampler of Mattei & Frellsen 2018 ("Leveraging the exact likelihood
     of deep latent variable models"), with the guide as proposal. The chain on (z, x_m):
@@ -147,6 +147,8 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
 
     Its stationary law is the exact p(z, x_m | x_o) for any guide with full support (the guide
     only sets the mixing speed). Missing features start at 0 (Mattei & Frellsen's choice).
+    ``method="pseudo-gibbs"`` accepts every proposal (Rezende et al. 2014): the older scheme,
+    which converges to the right law only when the guide is the exact posterior.
 
     Returns ``mean``: x with its missing features replaced by E[x_m | x_o], estimated as the
     average of the decoder mean E[x_m | z] over the steps after ``burn_in`` (Rao-Blackwellized);
@@ -156,6 +158,8 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
     if not hasattr(model, "prior"):
         raise ValueError(f"imputation needs the model's prior p(z): {type(model).__name__} has no prior(batch_shape)")
     observed = observed.to(torch.bool).expand_as(x)
+    if method not in ("mwg", "pseudo-gibbs"):
+        raise ValueError(f"unknown imputation method {method!r}; choose mwg or pseudo-gibbs")
     if not 0 <= burn_in < num_steps:
         raise ValueError(f"burn_in ({burn_in}) must be at least 0 and below num_steps ({num_steps})")
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -178,6 +182,8 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
             proposal_target = log_target(proposal, current)
             log_ratio = proposal_target - target + q.log_prob(z) - q.log_prob(proposal)
             accept = torch.rand(n, device=x.device).log() < log_ratio
+            if method == "pseudo-gibbs":
+                accept = torch.ones_like(accept)
             z = torch.where(accept[:, None], proposal, z)
             target = torch.where(accept, proposal_target, target)
             accepted += accept.float().mean()
