@@ -155,8 +155,10 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
     ``sample``: x with the last draw of x_m; ``acceptance``: the share of accepted proposals.
     """
     check_pair_for("imputation", model, guide)
-    if not hasattr(model, "prior"):
-        raise ValueError(f"imputation needs the model's prior p(z): {type(model).__name__} has no prior(batch_shape)")
+    sites = tuple(getattr(model, "latent_sites", ("z",)))
+    if not hasattr(model, "prior") or len(sites) != 1:
+        raise ValueError(f"imputation needs a model of one latent site with its prior p(z) (prior(batch_shape)); "
+                         f"{type(model).__name__} has latent sites {list(sites)}")
     observed = observed.to(torch.bool).expand_as(x)
     if method not in ("mwg", "pseudo-gibbs"):
         raise ValueError(f"unknown imputation method {method!r}; choose mwg or pseudo-gibbs")

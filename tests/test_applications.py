@@ -20,8 +20,8 @@ from pyro_vae.applications import (
 )
 from pyro_vae.data import DataError, load_dataset
 from pyro_vae.evaluate import mutual_information, posterior_means
-from pyro_vae.guides import GaussianGuide, IAFGuide, LinearPosteriorGuide
-from pyro_vae.models import LinearGaussian
+from pyro_vae.guides import GaussianGuide, HierarchicalGuide, IAFGuide, LinearPosteriorGuide
+from pyro_vae.models import HierarchicalVAE, LinearGaussian
 
 
 @pytest.fixture
@@ -102,6 +102,8 @@ def test_interpolation_ends_at_the_reconstructions_and_traversal_moves_one_dimen
     # the decoder mean is W z + b: stepping dimension d by 1 moves it by the column W[:, d]
     assert torch.allclose(grid[:, 0, 1:] - grid[:, 0, :-1], model.weight[:, 1].expand(2, 4, 6), atol=1e-5)
     assert torch.allclose(grid[:, 1, 1:] - grid[:, 1, :-1], model.weight[:, 0].expand(2, 4, 6), atol=1e-5)
+    with pytest.raises(ValueError, match="one latent site"):
+        impute(HierarchicalVAE(), HierarchicalGuide(), torch.zeros(2, 784), torch.ones(784, dtype=torch.bool))
     with pytest.raises(ValueError, match="do not exist"):
         traverse(model, guide, x[:1], dims=[2])
     with pytest.raises(ValueError, match="unknown interpolation method"):
