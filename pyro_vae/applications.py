@@ -8,7 +8,9 @@ own. ``z`` is the guide's first latent site, the one ``decode`` takes (``z1`` of
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -226,3 +228,85 @@ def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch
     if not missing.any():
         raise ValueError("no feature is missing: nothing to score")
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
+
+
+# ----------------------------------------------------------------------------------------------
+# a run directory (what `pyro-vae impute` and `pyro-vae anomaly` call)
+
+
+def _open_run(run_dir, device, seed):
+    import pyro
+
+    from pyro_vae.run import load_run
+    from pyro_vae.train import resolve_device
+
+    pyro.set_rng_seed(seed)
+    return load_run(run_dir, resolve_device(device))
+
+
+def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: int = 100, steps: int = 500,
+               burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None) -> dict:
+    """``impute`` on the first n test points of a run with ``missing`` features removed; writes
+    ``RUN/impute.json`` (RMSE beside the training-mean baseline, acceptance) and a figure
+    (default ``RUN/figures/imputations.png``: input, truth, E[x_m | x_o], one draw)."""
+    from pyro_vae.data import load_run_data
+    from pyro_vae.plots import save_image_grid
+
+    run_dir = Path(run_dir)
+    config, model, guide = _open_run(run_dir, device, seed)
+    data = load_run_data(config, next(model.parameters()).device, test_size=n, train_size=None)
+    x = data.test
+    observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
+    r = impute(model, guide, x, observed, steps, burn_in, seed, method)
+    baseline = torch.where(observed, x, data.train.mean(0))
+    shown = min(len(x), 16)
+    rows = torch.cat([torch.where(observed, x, 0.5)[:shown], x[:shown], r["mean"][:shown], r["sample"][:shown]])
+    figure = save_image_grid(rows, figure or run_dir / "figures" / "imputations.png", config.image_shape, nrow=shown,
+                             title=f"input (missing grey), truth, E[x_m | x_o], one draw ({method})")
+    result = {"method": method, "missing": missing, "fraction": fraction if missing == "random" else None,
+              "points": len(x), "steps": steps, "burn_in": burn_in, "acceptance": r["acceptance"],
+              "rmse_imputed_mean": imputation_error(x, r["mean"], observed),
+              "rmse_training_mean": imputation_error(x, baseline, observed), "figure": str(figure)}
+    (run_dir / "impute.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, seed: int = 0,
+                device: str = "auto", figure=None) -> dict:
+    """``anomaly_scores`` of a run's whole test set (every class, even those left out of training
+    with ``classes``) and, with ``data`` (a .npy/.pt file), of those points. Reports the AUROC of
+    the classes not trained on against those trained on, and of ``data`` against the test set.
+    Writes ``RUN/anomaly.json``, ``RUN/anomaly_scores.npz`` and a figure of the 32 test points
+    that score highest (default ``RUN/figures/anomalies.png``)."""
+    from pyro_vae.data import load_points, load_run_data
+    from pyro_vae.plots import save_image_grid
+
+    run_dir = Path(run_dir)
+    config, model, guide = _open_run(run_dir, device, seed)
+    test = load_run_data(config, next(model.parameters()).device, test_size=test_size, all_classes=True)
+    x = test.test
+    points = None
+    if data is not None:  # checked before the long scoring, so a wrong file fails at once
+        points = load_points(data, x.shape[-1], getattr(model, "likelihood", None)).to(x.device)
+    scores = anomaly_scores(model, guide, x, k, seed)
+    result: dict = {"k": k, "test_points": len(x), "median_score": float(np.median(scores)),
+                    "score_99th_percentile": float(np.percentile(scores, 99))}
+    arrays = {"test_scores": scores}
+    if config.classes is not None:
+        normal = torch.isin(test.test_labels, torch.as_tensor(config.classes, device=x.device)).cpu().numpy()
+        if normal.all():
+            raise ValueError("the run was trained on every class in the test set: no class is left to detect")
+        result.update(trained_classes=config.classes, normal_points=int(normal.sum()),
+                      anomalous_points=int((~normal).sum()), auroc_other_classes=auroc(scores[normal], scores[~normal]))
+        arrays["test_is_anomalous"] = ~normal
+    if points is not None:
+        arrays["data_scores"] = anomaly_scores(model, guide, points, k, seed)
+        result.update(data=str(data), data_points=len(points), auroc_data=auroc(scores, arrays["data_scores"]))
+    top = np.argsort(-scores)[:32]
+    result["most_anomalous_test_points"] = top.tolist()
+    figure = save_image_grid(x[torch.as_tensor(top.copy(), device=x.device)], figure or run_dir / "figures" / "anomalies.png",
+                             config.image_shape, title=f"the 32 test points of highest -log p(x) (k={k})")
+    result["figure"] = str(figure)
+    np.savez(run_dir / "anomaly_scores.npz", **arrays)
+    (run_dir / "anomaly.json").write_text(json.dumps(result, indent=2))
+    return result

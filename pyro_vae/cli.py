@@ -187,13 +187,10 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _test_data(config, model, n=None, all_classes=False, train_size=1):
-    """The run's test set (its first n rows), on the model's device; ``all_classes`` ignores
-    the run's --classes (anomaly detection scores the other classes too)."""
-    from pyro_vae.data import load_dataset
+def _test_data(config, model, n=None):
+    from pyro_vae.data import load_run_data
 
-    return load_dataset(config.dataset, next(model.parameters()).device, config.data_dir, train_size=train_size,
-                        test_size=n, image_size=config.image_size, classes=None if all_classes else config.classes)
+    return load_run_data(config, next(model.parameters()).device, test_size=n)
 
 
 def cmd_reconstruct(args) -> int:
@@ -247,76 +244,26 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_impute(args) -> int:
-    import json
+    from pyro_vae.applications import impute_run
 
-    import torch
-
-    from pyro_vae.applications import imputation_error, impute, missing_mask
-    from pyro_vae.plots import save_image_grid
-
-    config, model, guide = _loaded(args)
-    data = _test_data(config, model, args.n, train_size=None)
-    x = data.test
-    observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, args.missing, args.fraction, args.seed)
-    r = impute(model, guide, x, observed, args.steps, args.burn_in, args.seed, args.method)
-    baseline = torch.where(observed, x, data.train.mean(0))
-    result = {"method": args.method, "missing": args.missing, "fraction": args.fraction, "points": len(x), "steps": args.steps,
-              "burn_in": args.burn_in, "acceptance": r["acceptance"],
-              "rmse_imputed_mean": imputation_error(x, r["mean"], observed),
-              "rmse_training_mean": imputation_error(x, baseline, observed)}
-    shown = min(len(x), 16)
-    rows = torch.cat([torch.where(observed, x, 0.5)[:shown], x[:shown], r["mean"][:shown], r["sample"][:shown]])
-    out = Path(args.out or Path(args.run) / "figures" / "imputations.png")
-    save_image_grid(rows, out, config.image_shape, nrow=shown,
-                    title=f"input (missing grey), truth, E[x_m | x_o], one draw ({args.method})")
-    (Path(args.run) / "impute.json").write_text(json.dumps(result, indent=2))
-    print(f"RMSE on the missing features: {result['rmse_imputed_mean']:.4f} (the training mean: "
-          f"{result['rmse_training_mean']:.4f}); acceptance {r['acceptance']:.2f}")
-    print(f"written: {Path(args.run) / 'impute.json'}, {out}")
+    r = impute_run(args.run, args.missing, args.fraction, args.n, args.steps, args.burn_in, args.method,
+                   args.seed, args.device, args.out)
+    print(f"RMSE on the missing features: {r['rmse_imputed_mean']:.4f} (the training mean: "
+          f"{r['rmse_training_mean']:.4f}); acceptance {r['acceptance']:.2f}")
+    print(f"written: {Path(args.run) / 'impute.json'}, {r['figure']}")
     return 0
 
 
 def cmd_anomaly(args) -> int:
-    import json
+    from pyro_vae.applications import anomaly_run
 
-    import numpy as np
-    import torch
-
-    from pyro_vae.applications import anomaly_scores, auroc
-    from pyro_vae.data import load_points
-    from pyro_vae.plots import save_image_grid
-
-    config, model, guide = _loaded(args)
-    data = _test_data(config, model, args.test_size, all_classes=True)
-    x, labels = data.test, data.test_labels
-    likelihood = getattr(model, "likelihood", None)
-    points = load_points(args.data, x.shape[-1], likelihood).to(x.device) if args.data else None  # fail early
-    result = {"k": args.k}
-    scores = anomaly_scores(model, guide, x, args.k, args.seed)
-    npz = {"test_scores": scores}
-    if config.classes is not None:
-        normal = torch.isin(labels, torch.as_tensor(config.classes, device=labels.device)).cpu().numpy()
-        result.update(trained_classes=config.classes, normal_points=int(normal.sum()),
-                      anomalous_points=int((~normal).sum()))
-        if normal.all():
-            raise ValueError("the run was trained on every class in the test set: no class is left to detect")
-        result["auroc_other_classes"] = auroc(scores[normal], scores[~normal])
-        npz["test_is_anomalous"] = ~normal
-        print(f"AUROC, test classes outside {config.classes} against those inside: {result['auroc_other_classes']:.4f}")
-    if points is not None:
-        file_scores = anomaly_scores(model, guide, points, args.k, args.seed)
-        npz["data_scores"] = file_scores
-        result.update(data=args.data, data_points=len(points), auroc_data=auroc(scores, file_scores))
-        print(f"AUROC, {args.data} ({len(points)} points) against the test set: {result['auroc_data']:.4f}")
-    top = np.argsort(-scores)[:32]
-    result["most_anomalous_test_points"] = top.tolist()
-    out = Path(args.out or Path(args.run) / "figures" / "anomalies.png")
-    save_image_grid(x[torch.as_tensor(top.copy(), device=x.device)], out, config.image_shape,
-                    title=f"the 32 test points of highest -log p(x) (k={args.k})")
-    np.savez(Path(args.run) / "anomaly_scores.npz", **npz)
-    (Path(args.run) / "anomaly.json").write_text(json.dumps(result, indent=2))
-    print(f"scores: -log p(x) (nats); median {np.median(scores):.2f}, 99th percentile {np.percentile(scores, 99):.2f}")
-    print(f"written: {Path(args.run) / 'anomaly.json'}, {Path(args.run) / 'anomaly_scores.npz'}, {out}")
+    r = anomaly_run(args.run, args.k, args.data, args.test_size, args.seed, args.device, args.out)
+    if "auroc_other_classes" in r:
+        print(f"AUROC, test classes outside {r['trained_classes']} against those inside: {r['auroc_other_classes']:.4f}")
+    if "auroc_data" in r:
+        print(f"AUROC, {r['data']} ({r['data_points']} points) against the test set: {r['auroc_data']:.4f}")
+    print(f"scores: -log p(x) (nats); median {r['median_score']:.2f}, 99th percentile {r['score_99th_percentile']:.2f}")
+    print(f"written: {Path(args.run) / 'anomaly.json'}, {Path(args.run) / 'anomaly_scores.npz'}, {r['figure']}")
     return 0
 
 

@@ -396,3 +396,13 @@ def load_dataset(
         test_labels=to(y_test), valid=to(x_valid), valid_labels=to(y_valid), binarize=binarize,
         image_shape=image_shape, num_classes=num_classes,
     )
+
+
+def load_run_data(config, device, test_size: int | None = None, train_size: int | None = 1,
+                  all_classes: bool = False) -> Dataset:
+    """The data of a trained run (its ``config``), for commands that read the run: by default only
+    the test set (one training row), the first ``test_size`` rows of it; ``all_classes`` ignores
+    the run's ``classes`` (anomaly detection scores the held-out classes too)."""
+    return load_dataset(config.dataset, device, config.data_dir, train_size=train_size,
+                        test_size=test_size or config.test_size, image_size=config.image_size,
+                        classes=None if all_classes else config.classes)

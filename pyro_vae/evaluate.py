@@ -604,15 +604,14 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     """Evaluate a run's checkpoint on its test set; write ``RUN/eval.json`` (every figure),
     ``RUN/posterior.nc`` (ArviZ InferenceData for ``export_points``) and the figures
     ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``."""
-    from pyro_vae.data import load_dataset
+    from pyro_vae.data import load_run_data
     from pyro_vae.run import FIGURES, atomic_write, load_run
     from pyro_vae.train import resolve_device
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     config, model, guide = load_run(run_dir, dev)
-    data = load_dataset(config.dataset, dev, config.data_dir, test_size=test_size or config.test_size,
-                        train_size=1, image_size=config.image_size, classes=config.classes)
+    data = load_run_data(config, dev, test_size)
     x = data.test
     pyro.set_rng_seed(seed)
     context = data.context(getattr(model, "context_keys", ()), split="test")  # labels for conditional models
