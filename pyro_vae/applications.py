@@ -1,5 +1,5 @@
 """What people do with a trained VAE: encode data, interpolate between data points, traverse
-latent dimensions, score anomalies and impute missing features.
+latent dimensions, score anomalies, impute missing features and read out representations.
 
 Each works with any unconditional model that offers ``decode(z)`` (and, for imputation,
 ``prior(batch_shape)``) and a guide that offers ``posterior(x)``: the built-in pairs and your
@@ -230,6 +230,36 @@ def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
 
 
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200) -> float:
+    """Test accuracy of multinomial logistic regression fitted on (train_features, train_labels):
+    the usual probe of a representation (a linear read-out of what the features hold). Features
+    are standardized with the training rows' mean and spread; the loss is the mean cross-entropy
+    plus ``weight_decay`` * ||W||^2, minimized by L-BFGS (convex, so the answer is the optimum)."""
+    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
+        raise ValueError("features and labels must have the same number of rows")
+    with torch.no_grad():
+        f_train, f_test = train_features.double(), test_features.double()
+        loc, scale = f_train.mean(0), f_train.std(0).clamp(min=1e-6) if len(f_train) > 1 else 1.0
+        f_train, f_test = (f_train - loc) / scale, (f_test - loc) / scale
+        classes = int(max(train_labels.max(), test_labels.max())) + 1
+    weight = torch.zeros(f_train.shape[1], classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+    y = train_labels.long()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(f_train @ weight + bias, y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float(((f_test @ weight + bias).argmax(-1) == test_labels.long()).double().mean())
+
+
 # ----------------------------------------------------------------------------------------------
 # a run directory (what `pyro-vae impute` and `pyro-vae anomaly` call)
 
@@ -309,4 +339,32 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     result["figure"] = str(figure)
     np.savez(run_dir / "anomaly_scores.npz", **arrays)
     (run_dir / "anomaly.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str = "auto") -> dict:
+    """Representation learning: the test accuracy of a linear probe (``linear_probe``) on the
+    codes E_q[z|x] of a run's training and test data, with ``labels`` labelled training rows each
+    (balanced over classes), beside the same probe on the raw features. Writes
+    ``RUN/represent.json``."""
+    from pyro_vae.data import load_run_data
+
+    run_dir = Path(run_dir)
+    config, model, guide = _open_run(run_dir, device, seed)
+    check_pair_for("a representation", model, guide)
+    data = load_run_data(config, next(model.parameters()).device, train_size=config.train_size)
+    if data.train_labels is None or data.test_labels is None:
+        raise ValueError(f"a linear probe needs labels, and {config.dataset!r} has none")
+    codes_test = encode(guide, data.test)
+    rows = []
+    for n in labels:
+        chosen = data.keep_labels(n, seed).labelled_rows
+        x, y = data.batch(chosen), data.train_labels[chosen]  # binarized as in training, where it was
+        rows.append({"labels": n,
+                     "latent_accuracy": linear_probe(encode(guide, x), y, codes_test, data.test_labels),
+                     "raw_accuracy": linear_probe(x, y, data.test, data.test_labels)})
+    result = {"latent_dims": codes_test.shape[1], "raw_dims": data.train.shape[1], "test_points": len(data.test),
+              "probe": "multinomial logistic regression, standardized features, L-BFGS, weight decay 1e-3",
+              "rows": rows}
+    (run_dir / "represent.json").write_text(json.dumps(result, indent=2))
     return result

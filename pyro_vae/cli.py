@@ -1,5 +1,5 @@
 """The ``pyro-vae`` command: parse, call the library, print. Subcommands:
-train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, compare, demo."""
+train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, represent, compare, demo."""
 
 from __future__ import annotations
 
@@ -267,6 +267,19 @@ def cmd_anomaly(args) -> int:
     return 0
 
 
+def cmd_represent(args) -> int:
+    from pyro_vae.applications import represent_run
+
+    r = represent_run(args.run, args.labels, args.seed, args.device)
+    print(f"linear-probe test accuracy ({r['test_points']} test points): codes E_q[z|x] ({r['latent_dims']} dims) "
+          f"against the raw features ({r['raw_dims']})")
+    print(f"{'labels':>7} {'codes':>7} {'raw':>7}")
+    for row in r["rows"]:
+        print(f"{row['labels']:>7} {row['latent_accuracy']:7.4f} {row['raw_accuracy']:7.4f}")
+    print(f"written: {Path(args.run) / 'represent.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train the iwae1 VAE on binarized MNIST, evaluate, draw pictures, summarise."""
     from pyro_vae.config import TrainConfig
@@ -385,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Metropolis-within-Gibbs (Mattei & Frellsen 2018; exact for any guide) or "
                         "pseudo-Gibbs (Rezende et al. 2014; exact only with the exact posterior)")
     m.add_argument("--out", help="PNG path (default RUN/figures/imputations.png)")
+    e2 = run_parser("represent", "linear-probe accuracy of the codes E_q[z|x] against the raw features, with N "
+                    "labelled training points; writes RUN/represent.json", cmd_represent)
+    e2.add_argument("--labels", type=int, nargs="+", default=[100, 1000, 10000],
+                    help="labelled training points for the probe, a multiple of the classes each")
     a = run_parser("anomaly", "anomaly scores -log p(x) of the test set (and --data); AUROC against held-out "
                    "classes of a --classes run; writes RUN/anomaly.json", cmd_anomaly)
     a.add_argument("--k", type=int, default=100, help="importance samples per point")

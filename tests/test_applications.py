@@ -14,6 +14,7 @@ from pyro_vae.applications import (
     encode,
     impute,
     interpolate,
+    linear_probe,
     missing_mask,
     slerp,
     traverse,
@@ -79,6 +80,17 @@ def test_auroc_is_the_share_of_pairs_ranked_right_with_ties_halved():
     assert auroc([1, 2], [3, 4]) == 1.0 and auroc([3, 4], [1, 2]) == 0.0 and auroc([1, 1], [1]) == 0.5
     with pytest.raises(ValueError, match="at least one"):
         auroc([], [1.0])
+
+
+def test_linear_probe_reads_out_what_the_features_hold_and_nothing_more():
+    g = torch.Generator().manual_seed(0)
+    y_train, y_test = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (1000,), generator=g)
+    centres = 3 * torch.randn(5, 8, generator=g)
+    f_train = centres[y_train] + torch.randn(300, 8, generator=g)
+    f_test = centres[y_test] + torch.randn(1000, 8, generator=g)
+    assert linear_probe(f_train, y_train, f_test, y_test) > 0.97
+    noise = torch.randn(300, 8, generator=g), torch.randn(1000, 8, generator=g)
+    assert linear_probe(noise[0], y_train, noise[1], y_test) < 0.3  # chance is 0.2
 
 
 def test_slerp_keeps_the_norm_where_the_straight_line_shrinks_it():
@@ -172,5 +184,9 @@ def test_cli_anomaly_impute_interpolate_traverse_on_mnist(tmp_path, capsys):
     assert "RMSE" in capsys.readouterr().out and imputed["points"] == 20 and 0 < imputed["acceptance"] <= 1
     assert pyro_vae("interpolate", run, "--pairs", 3, "--steps", 5) == 0
     assert pyro_vae("traverse", run, "--num-dims", 4) == 0
+    assert pyro_vae("represent", run, "--labels", 20, 100) == 0
+    probe = json.loads((run / "represent.json").read_text())
+    assert [r["labels"] for r in probe["rows"]] == [20, 100] and probe["latent_dims"] == 50
+    assert all(0.1 < r["latent_accuracy"] <= 1 and 0.1 < r["raw_accuracy"] <= 1 for r in probe["rows"])
     for name in ("anomalies", "imputations", "interpolations", "traversals"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000

@@ -13,7 +13,7 @@ def pyro_vae(*args, check=True):
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct", "interpolate", "traverse",
-                                     "impute", "anomaly", "compare", "demo"])
+                                     "impute", "anomaly", "represent", "compare", "demo"])
 def test_every_subcommand_explains_itself(command):
     out = pyro_vae(command, "--help").stdout
     assert "usage: pyro-vae " + command in out and len(out) > 200
