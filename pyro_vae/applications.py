@@ -264,18 +264,19 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # a run directory (what `pyro-vae impute` and `pyro-vae anomaly` call)
 
 
-def _open_run(run_dir, device, seed):
+def _open_run(run_dir, device, seed, best=False):
     import pyro
 
     from pyro_vae.run import load_run
     from pyro_vae.train import resolve_device
 
     pyro.set_rng_seed(seed)
-    return load_run(run_dir, resolve_device(device))
+    return load_run(run_dir, resolve_device(device), best=best)
 
 
 def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: int = 100, steps: int = 500,
-               burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None) -> dict:
+               burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None,
+               best: bool = False) -> dict:
     """``impute`` on the first n test points of a run with ``missing`` features removed; writes
     ``RUN/impute.json`` (RMSE beside the training-mean baseline, acceptance) and a figure
     (default ``RUN/figures/imputations.png``: input, truth, E[x_m | x_o], one draw)."""
@@ -283,7 +284,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
     from pyro_vae.plots import save_image_grid
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed)
+    config, model, guide = _open_run(run_dir, device, seed, best)
     data = load_run_data(config, next(model.parameters()).device, test_size=n, train_size=None)
     x = data.test
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
@@ -302,7 +303,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
 
 
 def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, seed: int = 0,
-                device: str = "auto", figure=None) -> dict:
+                device: str = "auto", figure=None, best: bool = False) -> dict:
     """``anomaly_scores`` of a run's whole test set (every class, even those left out of training
     with ``classes``) and, with ``data`` (a .npy/.pt file), of those points. Reports the AUROC of
     the classes not trained on against those trained on, and of ``data`` against the test set.
@@ -312,7 +313,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     from pyro_vae.plots import save_image_grid
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed)
+    config, model, guide = _open_run(run_dir, device, seed, best)
     test = load_run_data(config, next(model.parameters()).device, test_size=test_size, all_classes=True)
     x = test.test
     points = None
@@ -342,7 +343,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     return result
 
 
-def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str = "auto") -> dict:
+def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str = "auto", best: bool = False) -> dict:
     """Representation learning: the test accuracy of a linear probe (``linear_probe``) on the
     codes E_q[z|x] of a run's training and test data, with ``labels`` labelled training rows each
     (balanced over classes), beside the same probe on the raw features. Writes
@@ -350,7 +351,7 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     from pyro_vae.data import load_run_data
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed)
+    config, model, guide = _open_run(run_dir, device, seed, best)
     check_pair_for("a representation", model, guide)
     data = load_run_data(config, next(model.parameters()).device, train_size=config.train_size)
     if data.train_labels is None or data.test_labels is None:

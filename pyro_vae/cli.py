@@ -40,6 +40,8 @@ TRAIN_FLAGS = {
     "gamma": (float, "weight gamma of the capacity penalty gamma*|KL - C|"),
     "free_bits": (float, "free bits (Kingma et al. 2016): KL floor lambda in nats per latent dimension"),
     "epochs": (int, "number of epochs"),
+    "early_stopping": (int, "with --validation: stop after N epochs without a better validation loss (or, for "
+                            "ssvae, accuracy); the best epoch's weights are kept in RUN/best.pt either way"),
     "batch_size": (int, "data points per step"),
     "lr": (float, "Adam learning rate"),
     "weight_decay": (float, "Adam weight decay"),
@@ -133,7 +135,7 @@ def cmd_eval(args) -> int:
 
     r = evaluate_run(args.run, k=args.k, device=args.device, seed=args.seed, test_size=args.test_size,
                      max_batch_particles=args.max_batch_particles, progress=not args.quiet,
-                     max_memory=args.max_memory, export_points=args.export_points)
+                     max_memory=args.max_memory, export_points=args.export_points, best=args.best)
     print(format_eval_table(r))
     print(f"written to {Path(args.run) / 'eval.json'}")
     return 0
@@ -166,7 +168,7 @@ def _loaded(args):
     from pyro_vae.train import resolve_device
 
     pyro.set_rng_seed(args.seed)
-    return load_run(args.run, resolve_device(args.device))
+    return load_run(args.run, resolve_device(args.device), best=args.best)
 
 
 def cmd_sample(args) -> int:
@@ -247,7 +249,7 @@ def cmd_impute(args) -> int:
     from pyro_vae.applications import impute_run
 
     r = impute_run(args.run, args.missing, args.fraction, args.n, args.steps, args.burn_in, args.method,
-                   args.seed, args.device, args.out)
+                   args.seed, args.device, args.out, args.best)
     print(f"RMSE on the missing features: {r['rmse_imputed_mean']:.4f} (the training mean: "
           f"{r['rmse_training_mean']:.4f}); acceptance {r['acceptance']:.2f}")
     print(f"written: {Path(args.run) / 'impute.json'}, {r['figure']}")
@@ -257,7 +259,7 @@ def cmd_impute(args) -> int:
 def cmd_anomaly(args) -> int:
     from pyro_vae.applications import anomaly_run
 
-    r = anomaly_run(args.run, args.k, args.data, args.test_size, args.seed, args.device, args.out)
+    r = anomaly_run(args.run, args.k, args.data, args.test_size, args.seed, args.device, args.out, args.best)
     if "auroc_other_classes" in r:
         print(f"AUROC, test classes outside {r['trained_classes']} against those inside: {r['auroc_other_classes']:.4f}")
     if "auroc_data" in r:
@@ -270,7 +272,7 @@ def cmd_anomaly(args) -> int:
 def cmd_represent(args) -> int:
     from pyro_vae.applications import represent_run
 
-    r = represent_run(args.run, args.labels, args.seed, args.device)
+    r = represent_run(args.run, args.labels, args.seed, args.device, args.best)
     print(f"linear-probe test accuracy ({r['test_points']} test points): codes E_q[z|x] ({r['latent_dims']} dims) "
           f"against the raw features ({r['raw_dims']})")
     print(f"{'labels':>7} {'codes':>7} {'raw':>7}")
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("run", help="run directory written by `pyro-vae train`")
         s.add_argument("--device", default="auto")
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--best", action="store_true",
+                       help="use the best validation epoch's weights (RUN/best.pt) instead of the last epoch's")
         s.set_defaults(func=func)
         return s
 

@@ -64,6 +64,7 @@ class TrainConfig:
     free_bits: float = 0.0
     # optimisation
     epochs: int = 10
+    early_stopping: int = 0
     batch_size: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -600,7 +600,7 @@ def posterior_inference_data(model, guide, x, indices, num_draws: int = 1000, se
 def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed: int = 0,
                  test_size: int | None = None, max_batch_particles: int = 100_000,
                  progress: bool = False, *, max_memory=None, export_points=(0, 1, 2, 3),
-                 export_draws: int = 1000, figures: bool = True) -> dict:
+                 export_draws: int = 1000, figures: bool = True, best: bool = False) -> dict:
     """Evaluate a run's checkpoint on its test set; write ``RUN/eval.json`` (every figure),
     ``RUN/posterior.nc`` (ArviZ InferenceData for ``export_points``) and the figures
     ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``."""
@@ -610,7 +610,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    config, model, guide = load_run(run_dir, dev)
+    config, model, guide = load_run(run_dir, dev, best=best)
     data = load_run_data(config, dev, test_size)
     x = data.test
     pyro.set_rng_seed(seed)
@@ -628,7 +628,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     except ValueError as e:
         result["mutual_information"] = None
         result["mutual_information_note"] = str(e)
-    result.update(run=str(run_dir), dataset=config.dataset)
+    result.update(run=str(run_dir), dataset=config.dataset, weights="best.pt" if best else "checkpoint.pt")
 
     np.savez(run_dir / "eval_points.npz", **points)
     export = [i for i in export_points if 0 <= i < len(x)]

@@ -1,4 +1,5 @@
-"""The run directory: config.json, checkpoint.pt (written atomically), metrics.jsonl, figures/."""
+"""The run directory: config.json, checkpoint.pt (written atomically), best.pt (with a validation
+split), metrics.jsonl, figures/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
 
-CONFIG, CHECKPOINT, METRICS, FIGURES = "config.json", "checkpoint.pt", "metrics.jsonl", "figures"
+CONFIG, CHECKPOINT, BEST, METRICS, FIGURES = "config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "figures"
 
 
 class CheckpointError(RuntimeError):
@@ -59,8 +60,25 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
     atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(run_dir: str | Path, map_location="cpu") -> dict:
-    path = Path(run_dir) / CHECKPOINT
+def best_epoch(metrics: list[dict]) -> tuple[int, str, float] | None:
+    """(epoch, criterion, value) of the best epoch by the validation split: the highest
+    ``valid_accuracy`` where the guide classifies (ssvae), else the lowest ``valid_loss``;
+    None without a validation split. Ties go to the earlier epoch."""
+    if any("valid_accuracy" in m for m in metrics):
+        row = max(metrics, key=lambda m: (m.get("valid_accuracy", -1.0), -m["epoch"]))
+        return row["epoch"], "valid_accuracy", row["valid_accuracy"]
+    rows = [m for m in metrics if "valid_loss" in m]
+    if not rows:
+        return None
+    row = min(rows, key=lambda m: (m["valid_loss"], m["epoch"]))
+    return row["epoch"], "valid_loss", row["valid_loss"]
+
+
+def load_checkpoint(run_dir: str | Path, map_location="cpu", best: bool = False) -> dict:
+    path = Path(run_dir) / (BEST if best else CHECKPOINT)
+    if best and not path.exists():
+        raise CheckpointError(f"no {BEST} in {run_dir}: it is kept only for runs with a validation split; "
+                              f"train with --validation N (or leave out --best)")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the run has not finished an epoch yet.")
     try:
@@ -76,10 +94,11 @@ def load_checkpoint(run_dir: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def load_run(run_dir: str | Path, device="cpu"):
-    """(config, model, guide) of a trained run, in eval mode on ``device``."""
+def load_run(run_dir: str | Path, device="cpu", best: bool = False):
+    """(config, model, guide) of a trained run, in eval mode on ``device``: the last epoch's
+    weights, or with ``best`` those of the best validation epoch (``best.pt``)."""
     config = load_config(run_dir)
-    state = load_checkpoint(run_dir, map_location=device)
+    state = load_checkpoint(run_dir, map_location=device, best=best)
     model, guide = build_model_and_guide(config)
     try:
         model.load_state_dict(state["model"])

@@ -27,7 +27,10 @@ from pyro_vae.distributed import SINGLE, World
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.run import (
+    BEST,
     FIGURES,
+    atomic_write,
+    best_epoch,
     load_checkpoint,
     read_metrics,
     rng_state,
@@ -224,12 +227,17 @@ def train(
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
+    if config.early_stopping and dataset.valid is None:
+        raise ValueError(f"--early-stopping {config.early_stopping} watches the validation split: "
+                         f"add --validation N (e.g. --validation 10000)")
     if world.is_main:
         save_config(run_dir, config)
     board = TensorBoard(run_dir, config.image_shape) if config.tensorboard and world.is_main else None
 
     show = not quiet and world.is_main and sys.stderr.isatty()
     for epoch in range(start_epoch, config.epochs + 1):
+        if _patience_spent(metrics, config.early_stopping):
+            break
         t0 = time.perf_counter()
         try:
             train_loss, kl_weights, grad_norm = train_epoch(
@@ -260,6 +268,11 @@ def train(
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
                 "schedule": {**kl_weights, "progress_epochs": float(epoch)},
             })
+            best = best_epoch(metrics)
+            if best is not None and best[0] == epoch:
+                state = {"model": model.state_dict(), "guide": guide.state_dict(), "epoch": epoch,
+                         "criterion": best[1], "value": best[2]}
+                atomic_write(run_dir / BEST, lambda p, s=state: torch.save(s, p))
         if board:
             board.log(epoch, row, model)
         world.barrier()
@@ -268,5 +281,15 @@ def train(
             weights = "  ".join(f"{k} {v:.3g}" for k, v in kl_weights.items())
             print(f"epoch {epoch:3d}  train {train_loss:.2f}  test {row['test_loss']:.2f}{extra}  "
                   f"{weights}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
+    if _patience_spent(metrics, config.early_stopping) and not quiet and world.is_main:
+        best = best_epoch(metrics)
+        print(f"early stopping after epoch {metrics[-1]['epoch']}: no better {best[1]} than epoch {best[0]}'s "
+              f"{best[2]:.4f} for {config.early_stopping} epochs; its weights are in {run_dir / BEST}", file=sys.stderr)
     return metrics
+
+
+def _patience_spent(metrics: list[dict], patience: int) -> bool:
+    """Early stopping: the best validation epoch lies ``patience`` or more epochs back."""
+    best = best_epoch(metrics) if patience and metrics else None
+    return best is not None and metrics[-1]["epoch"] - best[0] >= patience
 

@@ -133,3 +133,30 @@ def test_tensorboard_logs_or_says_how_to_install_it(tmp_path, small_mnist):
     else:
         train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
         assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(tmp_path, capsys):
+    # 200 training images and batches of 20: the seed net overfits within a few epochs, so the
+    # validation loss turns up and the run stops `early_stopping` epochs after its best epoch
+    run = tmp_path / "run"
+    config = TrainConfig.from_dict(dict(preset="seed", dataset="binarized-mnist", train_size=300, validation=100,
+                                        test_size=100, epochs=60, batch_size=20, lr=3e-3, early_stopping=3,
+                                        device="cpu"))
+    rows = train(config, run)
+    best = min(rows, key=lambda r: r["valid_loss"])
+    assert len(rows) < 60 and rows[-1]["epoch"] - best["epoch"] == 3
+    assert "early stopping after epoch" in capsys.readouterr().err
+    state = load_checkpoint(run, best=True)
+    assert state["epoch"] == best["epoch"] and state["criterion"] == "valid_loss"
+    _, model, _ = load_run(run, best=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state["model"].values()))
+    _, last, _ = load_run(run)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
+    assert len(train(dataclasses.replace(config, epochs=80), run, resume=True)) == len(rows)  # patience spent
+    with pytest.raises(ValueError, match="--validation"):
+        train(dataclasses.replace(config, validation=0), tmp_path / "other")
+    plain = tmp_path / "plain"
+    train(dataclasses.replace(config, validation=0, early_stopping=0, epochs=1), plain, quiet=True)
+    assert not (plain / "best.pt").exists()
+    with pytest.raises(CheckpointError, match="validation split"):
+        load_run(plain, best=True)
