@@ -79,7 +79,9 @@ class BlockNoise(Messenger):
     is ``randn`` from a generator seeded with hash(seed, site, i, b), so a chunk of points and
     particles draws exactly what the unchunked run draws for them. Sites must sit inside the
     ``data`` plate (and the particle plate, if any). Normal and MultivariateNormal sites are
-    reparameterised (loc + scale * eps); other families fall back to Pyro's global RNG with a
+    reparameterised (loc + scale * eps), low-rank Gaussians as loc + W eps_w + sqrt(d) eps_d
+    (two noise streams, as torch draws them), and a flow on a Gaussian (``iaf``) by pushing its
+    base draw through the transforms; other families fall back to Pyro's global RNG with a
     warning, and lose the chunk invariance.
 
     Use it outside the particle and data plates (``with BlockNoise(...): traces(...)``), so the
@@ -128,27 +130,45 @@ class BlockNoise(Messenger):
                 or site_is_subsample(msg)):
             return
         fn = msg["fn"]
-        params = _location_scale(fn)
-        if params is None:
+        batch = len(fn.batch_shape)
+        dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}
+        if "data" not in dims:
+            raise ValueError(f"latent site {msg['name']!r} is not inside pyro.plate('data', ...): "
+                             f"evaluation needs per-data-point latents (as in VAEs)")
+        value = self._draw(msg["name"], fn, dims)
+        if value is None:
             if (msg["name"], type(fn)) not in _WARNED:  # once per site and family, not per chunk
                 _WARNED.add((msg["name"], type(fn)))
                 warnings.warn(f"site {msg['name']!r} has a {type(fn).__name__} distribution; its draws "
                               f"use the global RNG, so chunked and unchunked evaluation differ",
                               stacklevel=2)
             return
-        batch = len(fn.batch_shape)
-        dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}
-        if "data" not in dims:
-            raise ValueError(f"latent site {msg['name']!r} is not inside pyro.plate('data', ...): "
-                             f"evaluation needs per-data-point latents (as in VAEs)")
-        loc, scale, kind = params
-        eps = self.noise(msg["name"], fn.shape(), dims["data"], dims.get(PARTICLE_PLATE),
-                         loc.device, loc.dtype)
-        if kind == "normal":
-            value = loc + scale * eps
+        # the same tensor where no broadcast is needed: a flow's transforms cache it for log_prob
+        msg["value"] = value if value.shape == fn.shape() else value.expand(fn.shape())
+
+    def _draw(self, name: str, fn, dims: dict):
+        """A reparameterised draw of ``fn`` from the block noise, or None for other families."""
+        transforms = []
+        if isinstance(fn, dist.TransformedDistribution):
+            transforms, fn = fn.transforms, fn.base_dist
+
+        def eps(key, shape, like):
+            return self.noise(key, shape, dims["data"], dims.get(PARTICLE_PLATE), like.device, like.dtype)
+
+        params = _location_scale(fn)
+        if params is not None:
+            loc, scale, kind = params
+            e = eps(name, fn.shape(), loc)
+            value = loc + scale * e if kind == "normal" else loc + (scale @ e.unsqueeze(-1)).squeeze(-1)
+        elif isinstance(fn, torch.distributions.LowRankMultivariateNormal):
+            e_w = eps(f"{name}/factor", fn.batch_shape + fn.cov_factor.shape[-1:], fn.loc)
+            e_d = eps(name, fn.shape(), fn.loc)
+            value = fn.loc + (fn.cov_factor @ e_w.unsqueeze(-1)).squeeze(-1) + fn.cov_diag.sqrt() * e_d
         else:
-            value = loc + (scale @ eps.unsqueeze(-1)).squeeze(-1)
-        msg["value"] = value.expand(fn.shape())
+            return None
+        for transform in transforms:  # a flow: the base draw pushed through (and cached for log_prob)
+            value = transform(value)
+        return value
 
 
 # ----------------------------------------------------------------------------------------------
