@@ -1,7 +1,8 @@
 """Semi-supervised MNIST with M2 (Kingma et al. 2014) at several label counts, with the settings
 of Pyro's SS-VAE tutorial (784-500-50, softplus, batch 200, lr 4.2e-4, aux weight 46; the last
 10,000 training images held out for validation); prints, as the tutorial does, the test accuracy
-of q(y|x) at the epoch of best validation accuracy, beside the tutorial's after 50 epochs.
+of q(y|x) at the epoch of best validation accuracy, beside the tutorial's after 50 epochs. The
+weights of that epoch are kept in RUN/best.pt (`pyro-vae eval RUN --best`).
 
     python examples/ssvae.py --labels 100 600 --epochs 50 [--device cuda]
     python examples/ssvae.py --labels 600 1000 3000 --epochs 50 --lr 4.2e-3   # 0.945 / 0.960 / 0.964
