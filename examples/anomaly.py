@@ -1,7 +1,8 @@
 """Anomaly detection on MNIST with held-out digits: for each digit d, train the iwae1 VAE on the
 other nine (``--classes``), score every test image by -log p(x) (importance sampling, k
 particles), and report the AUROC of the held-out digit's test images against the rest. This is
-the classic density-score detector (An & Cho 2015); it is known to fail where the anomaly is
+the likelihood score of VAE anomaly detection (An & Cho 2015 use the related reconstruction
+probability); it is known to fail where the anomaly is
 *simpler* than the training data (Nalisnick et al. 2019: density models give simple images high
 likelihood), and MNIST shows it: the held-out 1s score as more likely than the digits trained on.
 

@@ -104,9 +104,10 @@ def traverse(model, guide, x: torch.Tensor, dims, span: float = 3.0, steps: int 
 
 def anomaly_scores(model, guide, x: torch.Tensor, k: int = 100, seed: int = 0, **evaluate_options) -> np.ndarray:
     """-log p(x) per row by importance sampling with k particles (``evaluate``): the higher,
-    the less the model expects the row. Density scores are the classic VAE detector (An & Cho
-    2015); they are known to rank some out-of-distribution sets as *more* likely (Nalisnick et
-    al. 2019), so check the AUROC on data like yours."""
+    the less the model expects the row. The VAE detector of An & Cho 2015 scores the related
+    reconstruction probability E_q p(x|z); likelihood scores are known to rank some
+    out-of-distribution sets as *more* likely (Nalisnick et al. 2019), so check the AUROC on
+    data like yours."""
     r = evaluate(model, guide, x, k, seed=seed, psis=False, return_points=True, **evaluate_options)
     return -r["points"]["log_px"]
 
