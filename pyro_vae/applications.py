@@ -162,7 +162,7 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
     if not hasattr(model, "prior") or len(sites) != 1:
         raise ValueError(f"imputation needs a model of one latent site with its prior p(z) (prior(batch_shape)); "
                          f"{type(model).__name__} has latent sites {list(sites)}")
-    observed = observed.to(torch.bool).expand_as(x)
+    observed = observed.to(device=x.device, dtype=torch.bool).expand_as(x)
     if method not in ("mwg", "pseudo-gibbs"):
         raise ValueError(f"unknown imputation method {method!r}; choose mwg or pseudo-gibbs")
     if not 0 <= burn_in < num_steps:
@@ -225,7 +225,7 @@ def missing_mask(n: int, x_dim: int, image_shape, pattern: str = "bottom-half", 
 
 def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch.Tensor) -> float:
     """Root mean squared error over the missing features only."""
-    missing = ~observed.to(torch.bool).expand_as(truth)
+    missing = ~observed.to(device=truth.device, dtype=torch.bool).expand_as(truth)
     if not missing.any():
         raise ValueError("no feature is missing: nothing to score")
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
