@@ -50,3 +50,18 @@ def test_a_training_step_does_not_synchronise_with_the_host():
                 optimizer.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_applications_run_on_cuda(tmp_path):
+    from pyro_vae.applications import anomaly_run, impute_run, interpolate, represent_run, traverse
+
+    config = TrainConfig.from_dict(dict(preset="iwae1", classes=list(range(9)), epochs=1, train_size=2000,
+                                        test_size=300, device="cuda"))
+    train(config, tmp_path, quiet=True)
+    assert 0 <= anomaly_run(tmp_path, k=10, device="cuda")["auroc_other_classes"] <= 1
+    assert 0 < impute_run(tmp_path, n=20, steps=20, burn_in=5, device="cuda")["acceptance"] <= 1
+    assert len(represent_run(tmp_path, labels=[20], device="cuda")["rows"]) == 1
+    _, model, guide = load_run(tmp_path, "cuda")
+    x = load_dataset("binarized-mnist", "cuda", train_size=1, test_size=4).test
+    assert interpolate(model, guide, x[:2], x[2:], steps=3).is_cuda
+    assert traverse(model, guide, x[:1], dims=[0, 1], steps=3).is_cuda
