@@ -299,10 +299,14 @@ def cmd_demo(args) -> int:
     train(config, run, quiet=args.quiet)
     print(f"evaluating log p(x) on the 10,000 test images with k={args.k} importance samples ...")
     result = evaluate_run(run, k=args.k, device=args.device, progress=not args.quiet)
-    ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None, label=None)
+    ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None, label=None, best=False,
+                            pairs=8, steps=10, method="slerp", index=0, dims=None, num_dims=8, span=3.0)
     cmd_sample(ns)
     ns.n = 32
     cmd_reconstruct(ns)
+    cmd_interpolate(ns)
+    ns.steps = 9
+    cmd_traverse(ns)
     save_training_curve(read_metrics(run), run / "figures" / "training_curve.png")
     print(f"\nsummary ({time.perf_counter() - t0:.0f} s)\n"
           f"  test ELBO                {result['test_elbo']:.2f} nats\n"
@@ -311,8 +315,8 @@ def cmd_demo(args) -> int:
           f"  active units             {result['active_units']} of 50\n"
           f"  PSIS k-hat > 0.7         {100 * result['share_khat_above_0.7']:.1f}% of test points\n"
           f"  run directory            {run} (eval.json, metrics.jsonl, posterior.nc)\n"
-          f"  figures                  {run / 'figures'}/samples.png, reconstructions.png, training_curve.png,\n"
-          f"                           kl_per_dim.png, pareto_k.png")
+          f"  figures                  {run / 'figures'}/samples.png, reconstructions.png, interpolations.png,\n"
+          f"                           traversals.png, training_curve.png, kl_per_dim.png, pareto_k.png")
     return 0
 
 
