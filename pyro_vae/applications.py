@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributions as tdist
 
-from pyro_vae.evaluate import evaluate, posterior_means
+from pyro_vae.evaluate import active_units_per_site, evaluate, posterior_means
 
 
 def check_pair_for(what: str, model, guide) -> None:
@@ -82,7 +82,8 @@ def interpolate(model, guide, x_a: torch.Tensor, x_b: torch.Tensor, steps: int =
 def most_active_dims(guide, x: torch.Tensor, n: int) -> list[int]:
     """The n latent dimensions whose posterior mean varies most over the rows of x
     (A_u = Var_x E_q[z_u|x], the active-unit statistic of Burda et al. 2016)."""
-    return encode(guide, x).double().var(0).argsort(descending=True)[:n].tolist()
+    _, variances = next(iter(active_units_per_site(guide, x).values()))  # the site decode takes
+    return variances.argsort(descending=True)[:n].tolist()
 
 
 @torch.no_grad()
@@ -241,7 +242,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError("features and labels must have the same number of rows")
     with torch.no_grad():
         f_train, f_test = train_features.double(), test_features.double()
-        loc, scale = f_train.mean(0), f_train.std(0).clamp(min=1e-6) if len(f_train) > 1 else 1.0
+        loc = f_train.mean(0)
+        scale = f_train.std(0).clamp(min=1e-6) if len(f_train) > 1 else torch.ones_like(loc)
         f_train, f_test = (f_train - loc) / scale, (f_test - loc) / scale
         classes = int(max(train_labels.max(), test_labels.max())) + 1
     weight = torch.zeros(f_train.shape[1], classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
@@ -265,7 +267,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # a run directory (what `pyro-vae impute` and `pyro-vae anomaly` call)
 
 
-def _open_run(run_dir, device, seed, best=False):
+def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False):
+    """(config, model, guide) of a run on ``device`` with Pyro's RNG seeded: what every command
+    that reads a run starts from."""
     import pyro
 
     from pyro_vae.run import load_run
@@ -285,7 +289,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
     from pyro_vae.plots import save_image_grid
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed, best)
+    config, model, guide = open_run(run_dir, device, seed, best)
     data = load_run_data(config, next(model.parameters()).device, test_size=n, train_size=None)
     x = data.test
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
@@ -314,7 +318,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     from pyro_vae.plots import save_image_grid
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed, best)
+    config, model, guide = open_run(run_dir, device, seed, best)
     test = load_run_data(config, next(model.parameters()).device, test_size=test_size, all_classes=True)
     x = test.test
     points = None
@@ -352,7 +356,7 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     from pyro_vae.data import load_run_data
 
     run_dir = Path(run_dir)
-    config, model, guide = _open_run(run_dir, device, seed, best)
+    config, model, guide = open_run(run_dir, device, seed, best)
     check_pair_for("a representation", model, guide)
     data = load_run_data(config, next(model.parameters()).device, train_size=config.train_size)
     if data.train_labels is None or data.test_labels is None:

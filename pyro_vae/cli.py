@@ -162,13 +162,9 @@ def format_eval_table(r: dict) -> str:
 
 
 def _loaded(args):
-    import pyro
+    from pyro_vae.applications import open_run
 
-    from pyro_vae.run import load_run
-    from pyro_vae.train import resolve_device
-
-    pyro.set_rng_seed(args.seed)
-    return load_run(args.run, resolve_device(args.device), best=args.best)
+    return open_run(args.run, args.device, args.seed, args.best)
 
 
 def cmd_sample(args) -> int:

@@ -259,16 +259,23 @@ def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str
 # --------------------------------------------------------------------------- user data
 
 
+def _at_least_2d(x: torch.Tensor, path: Path) -> torch.Tensor:
+    if x.dim() < 2:
+        raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
+    return x
+
+
 def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.suffix == ".npy":
-        x = torch.from_numpy(np.load(path, allow_pickle=False))
-        return x, None
+        return _at_least_2d(torch.from_numpy(np.load(path, allow_pickle=False)), path), None
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
-        return obj["x"], obj.get("y")
-    if isinstance(obj, (tuple, list)):
-        return obj[0], (obj[1] if len(obj) > 1 else None)
-    return obj, None
+        x, y = obj["x"], obj.get("y")
+    elif isinstance(obj, (tuple, list)):
+        x, y = obj[0], (obj[1] if len(obj) > 1 else None)
+    else:
+        x, y = obj, None
+    return _at_least_2d(x, path), y
 
 
 def load_points(path: str | Path, x_dim: int | None = None, likelihood=None) -> torch.Tensor:
@@ -278,8 +285,6 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None) -> 
     if path.suffix not in (".npy", ".pt", ".pth") or not path.exists():
         raise DataError(f"no .npy or .pt file at {path}")
     x, _ = _read_tensor_file(path)
-    if x.dim() < 2:
-        raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
     x = x.reshape(len(x), -1).float()
     check_finite(x, f"the points in {path}")
     if x_dim is not None and x.shape[1] != x_dim:
@@ -360,8 +365,6 @@ def load_dataset(
         x_train, x_test, y_train, y_test = _split(x, y, 0.1)
     elif path.suffix in (".npy", ".pt", ".pth") and path.exists():
         x, y = _read_tensor_file(path)
-        if x.dim() < 2:
-            raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
         image_shape = tuple(x.shape[1:]) if x.dim() == 4 else None
         num_classes, binarize = (int(y.max()) + 1 if y is not None else None), False
         x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
