@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import contextlib
 import math
+import os
+import sys
 import time
 import warnings
 import zlib
@@ -317,14 +320,30 @@ def peak_memory_bytes(fn, device) -> tuple[object, int]:
         return out, torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stderr_silenced():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = fn()
-    # allocations are the ops' self memory, frees are "[memory]" events with negative sizes
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        # allocations are the ops' self memory, frees are "[memory]" events with negative sizes
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0)
     return out, max(running)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null for a moment: the profiler's C++ side (kineto) logs
+    "profiler_start" lines, and on a CUDA build without a GPU an "ERROR ... gpuGetDeviceCount
+    failed" line, that mean nothing to someone evaluating on a CPU."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def plan_chunks(k: int, n: int, pairs: int) -> tuple[int, int]:
