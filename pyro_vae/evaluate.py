@@ -15,9 +15,9 @@ vector of k log weights, never from partial sums.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-import contextlib
 import math
 import os
 import sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -84,14 +85,22 @@ def load_checkpoint(run_dir: str | Path, map_location="cpu", best: bool = False)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's weights-only UnpicklingError text suggests weights_only=False, which is no fix
+        # for a damaged file (and would run arbitrary code): say what failed, not that.
+        detail = ("it does not unpickle as tensors" if isinstance(e, pickle.UnpicklingError)
+                  else ": ".join(filter(None, [type(e).__name__, _first_sentence(str(e))])))
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is damaged "
+            f"cannot read checkpoint {path}: {detail}. The file is damaged "
             f"or not a pyro-vae checkpoint; retrain the run (or restore the file from a backup)."
         ) from e
     missing = {"model", "guide", "epoch"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint: it lacks {sorted(missing)}")
     return state
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    return text.strip().split(". ")[0].splitlines()[0][:limit].rstrip(".") if text.strip() else ""
 
 
 def load_run(run_dir: str | Path, device="cpu", best: bool = False):
