@@ -3,6 +3,7 @@ diagnostics, PSIS k-hat for good and bad guides, the memory bound, the ArviZ exp
 
 import json
 import math
+import os
 import warnings
 
 import numpy as np
@@ -200,6 +201,16 @@ def test_memory_bound_sets_chunks_and_holds():
     assert plan_chunks(5000, 10_000, 1000) == (1, 896)  # 6 near-equal chunks of 7 blocks
     assert plan_chunks(5000, 10_000, 4096) == (1, 2560)
     assert plan_chunks(50, 10_000, 4096) == (81, 50)
+
+
+def test_memory_probe_prints_nothing(capfd):
+    """The CPU profiler's native log lines (and a CUDA build's "ERROR ... gpuGetDeviceCount") stay
+    out of the user's terminal; the process's own stderr works again afterwards."""
+    _, peak = peak_memory_bytes(lambda: torch.ones(1000) * 2, "cpu")
+    assert peak >= 4000
+    assert capfd.readouterr().err == ""
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
 
 
 def test_inference_data_export(tmp_path, linear):
