@@ -100,7 +100,8 @@ def load_checkpoint(run_dir: str | Path, map_location="cpu", best: bool = False)
 
 
 def _first_sentence(text: str, limit: int = 200) -> str:
-    return text.strip().split(". ")[0].splitlines()[0][:limit].rstrip(".") if text.strip() else ""
+    first_line = (text.strip().splitlines() or [""])[0]
+    return first_line.split(". ")[0][:limit].rstrip(".")
 
 
 def load_run(run_dir: str | Path, device="cpu", best: bool = False):
