@@ -44,6 +44,7 @@ TRAIN_FLAGS = {
                             "ssvae, accuracy); the best epoch's weights are kept in RUN/best.pt either way"),
     "batch_size": (int, "data points per step"),
     "lr": (float, "Adam learning rate"),
+    "lr_decay": (float, "multiply the learning rate by this factor after every epoch (exponential decay; 1: constant)"),
     "weight_decay": (float, "Adam weight decay"),
     "clip_grad": (float, "clip the gradient norm to this value"),
     "seed": (int, "random seed (identical runs on CPU)"),

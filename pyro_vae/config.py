@@ -67,6 +67,7 @@ class TrainConfig:
     early_stopping: int = 0
     batch_size: int = 100
     lr: float = 1e-3
+    lr_decay: float = 1.0
     weight_decay: float = 0.0
     clip_grad: float | None = None
     seed: int = 0
@@ -78,6 +79,11 @@ class TrainConfig:
     x_dim: int | None = None
     image_shape: list[int] | None = None
     num_classes: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must lie in (0, 1] (the factor on the learning rate after each epoch; "
+                             f"1 keeps it constant), got {self.lr_decay}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -92,6 +98,10 @@ class TrainConfig:
                 raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
             d = {**PRESETS[preset], **d}
         return cls(**d)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (from 1): lr * lr_decay ** (epoch - 1)."""
+        return self.lr * self.lr_decay ** (epoch - 1)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> TrainConfig:

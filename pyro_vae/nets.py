@@ -63,6 +63,9 @@ class GaussianHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw = self.body(x).split(self.d_out, dim=-1)
+        return self.activate_scale(loc, raw)
+
+    def activate_scale(self, loc: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scale == "exp":
             return loc, torch.exp(raw)
         return loc, nn.functional.softplus(raw) + 1e-6

@@ -221,9 +221,7 @@ def train(
         state = load_checkpoint(run_dir)  # on the CPU (RNG states must be); load_state_dict moves
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the config's rate wins (stage-wise schedules)
-            group["lr"] = config.lr
+        optimizer.load_state_dict(state["optimizer"])  # its rate is replaced by config.lr_at below
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
@@ -239,6 +237,9 @@ def train(
         if _patience_spent(metrics, config.early_stopping):
             break
         t0 = time.perf_counter()
+        lr = config.lr_at(epoch)  # the config's rate wins on --resume (stage-wise schedules)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         try:
             train_loss, kl_weights, grad_norm = train_epoch(
                 objective, optimizer, dataset, config.batch_size, schedule, epoch, config.clip_grad,
@@ -250,7 +251,7 @@ def train(
         evaluator.eval()
         test_loss = _sharded_loss(evaluator, dataset, "test", context_keys, world)
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": config.lr}
+               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": lr}
         if hasattr(guide, "classify") and dataset.test_labels is not None:
             row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
             if dataset.valid_labels is not None:  # for choosing the epoch without the test set

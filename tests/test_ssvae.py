@@ -79,3 +79,20 @@ def test_auxiliary_loss_counts_in_training_only():
     assert loss(True) - loss(False) == pytest.approx(7.0 * float(ce), rel=1e-5)
     guide.eval()
     assert "y_aux" not in pyro.poutine.trace(guide).get_trace(x, y).nodes
+
+
+def test_z_encoder_without_the_concatenation_equals_the_concatenated_one():
+    """q(z|x,y)'s first layer is split as W_x x + W_y[:, y] + b: the same numbers as the
+    encoder applied to [x, onehot(y)], for observed labels and for enumerated ones (10, 1)."""
+    from pyro_vae.guides.ssvae import SSVAEGuide
+
+    torch.manual_seed(0)
+    guide = SSVAEGuide(x_dim=12, z_dim=3, hidden=(8, 6))
+    x = torch.rand(5, 12)
+    for y in (torch.tensor([0, 3, 9, 3, 1]), torch.arange(10).reshape(10, 1)):
+        onehot = torch.nn.functional.one_hot(y, 10).float()
+        shape = torch.broadcast_shapes(x.shape[:-1], onehot.shape[:-1])
+        want = guide.z_encoder(torch.cat([x.expand(*shape, -1), onehot.expand(*shape, -1)], -1))
+        got = guide.encode_z(x, y)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)

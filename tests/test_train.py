@@ -43,9 +43,11 @@ def test_iwae1_output_bias_is_the_logit_of_the_training_mean(small_mnist):
 
 
 def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, small_mnist):
-    full = train(small_config(epochs=3), tmp_path / "full", quiet=True, dataset=small_mnist)
-    train(small_config(epochs=2), tmp_path / "part", quiet=True, dataset=small_mnist)
-    resumed_config = small_config(epochs=3)
+    """With a decaying learning rate too: the resumed epoch runs at lr * decay ** (epoch - 1)."""
+    full = train(small_config(epochs=3, lr_decay=0.5), tmp_path / "full", quiet=True, dataset=small_mnist)
+    assert [r["lr"] for r in full] == [1e-3, 5e-4, 2.5e-4]
+    train(small_config(epochs=2, lr_decay=0.5), tmp_path / "part", quiet=True, dataset=small_mnist)
+    resumed_config = small_config(epochs=3, lr_decay=0.5)
     resumed = train(resumed_config, tmp_path / "part", resume=True, quiet=True, dataset=small_mnist)
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
     for part in ("model", "guide"):
@@ -87,6 +89,8 @@ def test_user_errors_name_the_problem(tmp_path, small_mnist):
         make_estimator("nonsense")
     with pytest.raises(ValueError, match="unknown preset"):
         small_config(preset="huge")
+    with pytest.raises(ValueError, match=r"lr_decay must lie in \(0, 1\].*got 1.5"):
+        small_config(lr_decay=1.5)
     with pytest.raises(DataError, match=r"GaussianGuide expects data of shape \(batch, 784\), got \(4, 100\)"):
         Objective(VAE(), GaussianGuide(), make_estimator("elbo"))(torch.rand(4, 100))
     with pytest.raises(DataError, match=r"bernoulli likelihood needs .* \[0, 1\].*x / 255"):
