@@ -221,7 +221,7 @@ def train(
         state = load_checkpoint(run_dir)  # on the CPU (RNG states must be); load_state_dict moves
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])  # its rate is replaced by config.lr_at below
+        optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]

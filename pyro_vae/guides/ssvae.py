@@ -35,20 +35,8 @@ class SSVAEGuide(nn.Module):
         return self.classifier(x).argmax(-1)
 
     def _z(self, suffix, x, y):
-        loc, scale = self.encode_z(x, y)
+        loc, scale = self.z_encoder.forward_with_label(x, y, self.num_classes)  # = z_encoder([x, onehot(y)])
         pyro.sample(f"z_{suffix}", dist.Normal(loc, scale, validate_args=False).to_event(1))
-
-    def encode_z(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loc, scale) of q(z|x,y) = z_encoder([x, onehot(y)]), computed without the concatenation:
-        the first layer is W [x; onehot(y)] + b = W_x x + W_y[:, y] + b, so W_x x is computed once
-        per image rather than once per enumerated label (10x less work in the largest product)."""
-        first, *rest = self.z_encoder.body
-        w_x, w_y = first.weight.split([first.in_features - self.num_classes, self.num_classes], dim=1)
-        h = nn.functional.linear(x, w_x, first.bias) + w_y.T[y.long()]  # (..., hidden) broadcasts
-        for layer in rest:
-            h = layer(h)
-        loc, raw = h.split(self.z_encoder.d_out, dim=-1)
-        return self.z_encoder.activate_scale(loc, raw)
 
     def forward(self, x, y=None, **context):
         (x_l, y_l), x_u = split_labelled(x, y)
