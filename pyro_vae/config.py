@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
+from pyro_vae.programs import build_programs
 
 # Architectures from the literature. A preset fills the architecture; explicit flags win.
 PRESETS: dict[str, dict] = {
@@ -114,45 +114,25 @@ class TrainConfig:
 
 
 def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None = None):
-    """Instantiate the configured model and guide (modules whose forward is a Pyro program).
+    """Instantiate the configured model and guide (Pyro programs, as ``nn.Module``s).
 
-    Every model and guide class receives ``x_dim, z_dim, hidden, activation`` plus its own
-    ``model_options``/``guide_options``; models also get ``likelihood`` and ``train_mean``
-    (the training mean, for initialising the output bias, or None); a guide whose constructor
-    takes ``model`` (such as ``linear-posterior``) gets the model.
+    Built-ins and users' classes receive, of ``x_dim, z_dim, hidden, activation, net,
+    image_shape, num_classes`` (models also ``likelihood`` and ``train_mean``, the training mean
+    for the output bias or None; guides ``model`` where they ask for it), the keywords their
+    constructor names, plus their ``model_options``/``guide_options``. See ``pyro_vae.programs``
+    for functions, methods and Pyro-example classes with ``model``/``guide`` methods.
     """
     if config.x_dim is None:
         raise ValueError("config.x_dim is unset: set it from the data (dataset.x_dim) first")
-    common = dict(x_dim=config.x_dim, z_dim=config.z_dim, hidden=list(config.hidden),
-                  activation=config.activation)
-    mean = train_mean if config.init_output_bias else None
-    model_cls, guide_cls = MODELS.get(config.model), GUIDES.get(config.guide)
-    model = model_cls(**common, likelihood=config.likelihood, train_mean=mean,
-                      **_accepted(model_cls, _shape_options(config)), **config.model_options)
-    if "model" in inspect.signature(guide_cls).parameters:  # guides built from their model
-        common["model"] = model
-    guide = guide_cls(**common, **_accepted(guide_cls, _shape_options(config)), **config.guide_options)
-    if hasattr(model, "tie"):  # models that use the guide, e.g. the VampPrior's q(z|u_k)
-        model.tie(guide)
-    missing = set(getattr(model, "context_keys", ())) - set(getattr(guide, "context_keys", ()))
-    if missing and not getattr(model, "enumerated_sites", ()):
+    offered = dict(x_dim=config.x_dim, z_dim=config.z_dim, hidden=list(config.hidden),
+                   activation=config.activation, likelihood=config.likelihood,
+                   train_mean=train_mean if config.init_output_bias else None, net=config.net,
+                   image_shape=tuple(config.image_shape) if config.image_shape else None,
+                   num_classes=config.num_classes)
+    model, guide = build_programs(config.model, config.guide, offered, dict(config.model_options),
+                                  dict(config.guide_options), MODELS, GUIDES)
+    missing = set(getattr(model, "context_keys", ()) or ()) - set(getattr(guide, "context_keys", ()) or ())
+    if missing and not getattr(model, "enumerated_sites", ()) and config.guide in GUIDES:
         raise ValueError(f"model {config.model!r} is conditioned on {sorted(missing)}, but guide "
                          f"{config.guide!r} ignores it; use --guide conditional (q(z|x,y)).")
     return model, guide
-
-
-def _shape_options(config: TrainConfig) -> dict:
-    """Options a class receives where its constructor takes them: the network kind and the
-    image shape (C, H, W) of the data (for conv nets); the number of classes (for labels as context)."""
-    return {"net": config.net, "image_shape": tuple(config.image_shape) if config.image_shape else None,
-            "num_classes": config.num_classes}
-
-
-def _accepted(cls, options: dict) -> dict:
-    """The entries of ``options`` that ``cls(...)`` names or takes through ``**kwargs``."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in params}

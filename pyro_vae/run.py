@@ -110,12 +110,29 @@ def load_run(run_dir: str | Path, device="cpu", best: bool = False):
     config = load_config(run_dir)
     state = load_checkpoint(run_dir, map_location=device, best=best)
     model, guide = build_model_and_guide(config)
+    bind_for_loading(model, guide, config)
     try:
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint in {run_dir} does not fit its config.json: {e}") from e
     return config, model.to(device).eval(), guide.to(device).eval()
+
+
+def bind_for_loading(model, guide, config: TrainConfig) -> None:
+    """Find the parameters of programs that keep them in Pyro's param store (functions using
+    ``pyro.param``/``pyro.module``) by tracing them on two placeholder rows, so that
+    ``load_state_dict`` has somewhere to put them."""
+    import pyro
+
+    from pyro_vae.programs import Program, bind, context_keys
+
+    if not any(isinstance(p, Program) for p in (model, guide)):
+        return
+    pyro.clear_param_store()
+    x = torch.zeros(2, config.x_dim)
+    context = {k: torch.zeros(2, dtype=torch.long) for k in context_keys(model, guide)}
+    bind(model, guide, x, **context)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

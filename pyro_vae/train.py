@@ -21,11 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
+from pyro_vae.checks import DataError
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
+from pyro_vae.programs import bind
+from pyro_vae.programs import context_keys as program_context_keys
 from pyro_vae.run import (
     BEST,
     FIGURES,
@@ -163,6 +166,40 @@ class TensorBoard:
         self.writer.flush()
 
 
+def check_first_step(objective, dataset: Dataset, context_keys, batch_size: int) -> None:
+    """The pairing check and one step's loss under Pyro's validation (``pyro.validation_enabled``),
+    once before training: a program that does not fit its data (a value outside the support of
+    the observation distribution, a guide site whose shape differs from the model's) fails here
+    with Pyro's message, before anything is written. The step runs on a forked RNG and without
+    gradients, so training draws exactly what it would have drawn without the check; inside the
+    loop validation stays off (each check reads a tensor back to the host)."""
+    n = min(batch_size, len(dataset.train))
+    rows = torch.arange(n, device=dataset.train.device)
+    devices = [rows.device] if rows.device.type == "cuda" else []
+    with pyro.validation_enabled(True), torch.random.fork_rng(devices=devices):
+        x, context = dataset.batch(rows), dataset.context(context_keys, rows)  # binarized as in training
+        check_pair(objective.model, objective.guide, x[:2], **{k: v[:2] for k, v in context.items()})
+        try:
+            with torch.no_grad():
+                objective(x, **context)
+        except ValueError as e:
+            if "support" not in str(e) and "shape" not in str(e):
+                raise
+            raise DataError(f"the model does not fit the training data at the first step: "
+                            f"{_first_line(e)}. Check that the observation distribution matches the "
+                            f"data (e.g. a Bernoulli needs values in {{0, 1}}; use a Gaussian or "
+                            f"ContinuousBernoulli for real values), or rescale the data.") from e
+
+
+def _first_line(e: Exception) -> str:
+    """The informative line of a Pyro error ("Error while computing log_prob at site 'x':" is
+    followed by torch's own message, then the trace's shapes)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    head = lines[0].rstrip(":. ")
+    detail = next((line for line in lines[1:] if "support" in line or "shape" in line), None)
+    return f"{head}: {detail.rstrip('.:')}" if detail and head.startswith("Error while") else head
+
+
 def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """The random source of one epoch's data order: a function of (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
@@ -184,8 +221,6 @@ def train(
     device = resolve_device(config.device)
     world = World.from_env(device)
     device = world.device(device)
-    if world.is_main:
-        (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(config.seed + world.rank)  # latent noise and binarization differ per rank
     pyro.clear_param_store()
 
@@ -199,22 +234,26 @@ def train(
         dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
+    context_keys = program_context_keys(model, guide)  # e.g. ("y",): labels as context
+    first = dict(x=dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
+    bind(model, guide, first.pop("x"), **first)  # parameters of functions and pyro.param programs
     if config.amp:
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
-    context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
     if hasattr(model, "likelihood"):
         model.likelihood.check_support(dataset.train, "training data")
         model.likelihood.check_support(dataset.test, "test data")
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    check_first_step(objective, dataset, context_keys, config.batch_size)
     if config.jit:
         objective = TracedObjective(objective)
-    check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     evaluator = objective
     if world.size > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if world.is_main:  # only now that model, guide and data agree: nothing is written before
+        (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
 
     start_epoch, metrics = 1, []
     if resume:

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
 from pyro_vae.models.cvae import embed_context
 from pyro_vae.nets import GaussianHead
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("conditional")
-class ConditionalGaussianGuide(nn.Module):
+class ConditionalGaussianGuide(BuiltinProgram):
     """q(z|x,y) = N(mu([x, y]), diag sigma([x, y])^2), the recognition network of Sohn et al. 2015."""
 
     latent_sites = ("z",)

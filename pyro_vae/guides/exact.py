@@ -7,13 +7,13 @@ for any k, the ELBO equals log p(x), and path-derivative gradients of the guide 
 from __future__ import annotations
 
 import pyro
-from torch import nn
 
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("linear-posterior")
-class LinearPosteriorGuide(nn.Module):
+class LinearPosteriorGuide(BuiltinProgram):
     """q(z|x) = p(z|x) of a ``LinearGaussian`` model (shares its parameters; learns nothing)."""
 
     latent_sites = ("z",)

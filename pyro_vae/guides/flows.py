@@ -11,6 +11,7 @@ from torch import nn
 
 from pyro_vae.nets import MLP
 from pyro_vae.nets import activation as make_activation
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
@@ -30,7 +31,7 @@ class _Encoder(nn.Module):
 
 
 @GUIDES.register("iaf")
-class IAFGuide(nn.Module):
+class IAFGuide(BuiltinProgram):
     """q(z|x): z_0 ~ N(mu(x), diag sigma(x)^2), then ``num_flows`` affine inverse autoregressive
     transforms conditioned on the encoder features h(x) (Kingma et al. 2016, "Improved
     variational inference with inverse autoregressive flow"), Pyro's
@@ -57,7 +58,7 @@ class IAFGuide(nn.Module):
 
 
 @GUIDES.register("lowrank")
-class LowRankGuide(nn.Module):
+class LowRankGuide(BuiltinProgram):
     """q(z|x) = N(mu(x), F(x) F(x)^T + diag d(x)) with F of rank ``rank`` (default 2): correlated
     latents at O(z * rank) cost, ``LowRankMultivariateNormal``."""
 

@@ -7,16 +7,16 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
 from pyro_vae.checks import check_features
 from pyro_vae.distributions import ReparamNormal
 from pyro_vae.nets import GaussianHead
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("gaussian")
-class GaussianGuide(nn.Module):
+class GaussianGuide(BuiltinProgram):
     """q(z|x) = N(mu(x), diag sigma(x)^2) with an MLP (or ``net="conv"``) encoder (Kingma & Welling 2014)."""
 
     latent_sites = ("z",)

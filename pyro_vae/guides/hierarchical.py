@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from torch import nn
 
 from pyro_vae.nets import GaussianHead
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("hvae2")
-class HierarchicalGuide(nn.Module):
+class HierarchicalGuide(BuiltinProgram):
     """q(z1|x) q(z2|z1), diagonal Gaussians: x -> ``hidden`` (200, 200) -> z1 (``z1_dim``, 100)
     -> ``hidden2`` (100, 100) -> z2 (``z_dim``, 50). ``posterior(x)`` is q(z1|x)."""
 

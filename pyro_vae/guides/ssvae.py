@@ -11,11 +11,12 @@ from torch import nn
 
 from pyro_vae.models.ssvae import split_labelled
 from pyro_vae.nets import MLP, GaussianHead
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
 
 
 @GUIDES.register("ssvae")
-class SSVAEGuide(nn.Module):
+class SSVAEGuide(BuiltinProgram):
     """q(y|x) = Cat(classifier(x)) (enumerated where y is unknown), q(z|x,y) = N(encoder([x, y])),
     plus, in training mode only, the auxiliary classification loss alpha * -log q(y|x) on
     labelled rows (Kingma et al. 2014, eq. 9), ``aux_weight`` alpha. In eval mode the guide is

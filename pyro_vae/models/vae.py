@@ -13,10 +13,11 @@ from pyro_vae.checks import check_features
 from pyro_vae.distributions import StandardNormal
 from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.nets import decoder_net
+from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import MODELS
 
 
-class LatentVariableModel(nn.Module):
+class LatentVariableModel(BuiltinProgram):
     """Base for models of one latent site ``z`` with a N(0, I) prior and observed site ``x``.
 
     Subclasses define ``decode(z) -> distribution over x``. ``forward(x)`` is the Pyro program
