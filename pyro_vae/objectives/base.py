@@ -165,6 +165,12 @@ class Objective(nn.Module):
         check_pair(model, guide)
         self.model, self.guide, self.estimator = model, guide, estimator
 
+    def __call__(self, *args, **kwargs):
+        from pyro_vae.programs import objective_scope
+
+        with objective_scope():  # the loop optimizes parameters(): built-ins skip pyro.module
+            return super().__call__(*args, **kwargs)
+
     def forward(self, x: torch.Tensor, beta: float = 1.0, **context) -> torch.Tensor:
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
         return self.estimator.differentiable_loss(model, guide, x, **context) / x.shape[0]
