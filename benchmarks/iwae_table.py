@@ -49,7 +49,7 @@ def train_one(run: Path, layers: int, spec: str, stages, args) -> float:
     """Train one model through ``stages``, resuming from its checkpoint; returns the training seconds."""
     from pyro_vae.config import TrainConfig
     from pyro_vae.run import CheckpointError, load_checkpoint, read_metrics
-    from pyro_vae.train import train
+    from pyro_vae.training import train
 
     try:
         done = load_checkpoint(run)["epoch"]  # an interrupted table picks up where it stopped
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from pyro_vae.amp import amp_dtype
-    from pyro_vae.evaluate import evaluate_run
+    from pyro_vae.evaluation import evaluate_run
     from pyro_vae.objectives import make_estimator
 
     names = {"vae": args.vae_estimator, "iwae": args.iwae_estimator}

@@ -36,7 +36,7 @@ from pyro_vae.data import load_dataset  # noqa: E402
 from pyro_vae.objectives import ESTIMATORS, Objective, make_estimator, parse_spec  # noqa: E402
 from pyro_vae.objectives.traced import TracedObjective  # noqa: E402
 from pyro_vae.schedules import KLSchedule  # noqa: E402
-from pyro_vae.train import resolve_device, train_epoch  # noqa: E402
+from pyro_vae.training import resolve_device, train_epoch  # noqa: E402
 
 
 def _sync(device):

@@ -33,7 +33,7 @@ from pyro_vae.data import load_dataset, mnist_arrays  # noqa: E402
 from pyro_vae.objectives import Objective, make_estimator  # noqa: E402
 from pyro_vae.objectives.traced import TracedObjective  # noqa: E402
 from pyro_vae.schedules import KLSchedule  # noqa: E402
-from pyro_vae.train import train_epoch  # noqa: E402
+from pyro_vae.training import train_epoch  # noqa: E402
 
 
 # ----------------------------------------------------------------- Pyro's example, as written there

@@ -9,7 +9,7 @@ toolkit; run as a script it compares the two in quality and time:
     python benchmarks/reference_torch.py --estimators elbo iwae:K=5 iwae:K=50 --epochs 50
     python benchmarks/reference_torch.py --estimators iwae:K=50 --epochs 2 --no-eval     # timing only
 
-For each estimator it trains the toolkit run (``pyro_vae.train.train``) and the plain run from the
+For each estimator it trains the toolkit run (``pyro_vae.training.train``) and the plain run from the
 same initial weights, seed and data, epochs alternating between the two so that both see the same
 machine load, then prints seconds per epoch of each (the mean over epochs; both include the
 per-epoch test bound, as train() does), the median per-epoch ratio, and, unless ``--no-eval``,
@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import batch_indices, load_dataset  # noqa: E402
-from pyro_vae.evaluate import evaluate  # noqa: E402
+from pyro_vae.evaluation import evaluate  # noqa: E402
 from pyro_vae.objectives import parse_spec  # noqa: E402
 from pyro_vae.run import load_run  # noqa: E402
-from pyro_vae.train import resolve_device, train  # noqa: E402
+from pyro_vae.training import resolve_device, train  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 ACT = {"relu": nn.ReLU, "tanh": nn.Tanh}

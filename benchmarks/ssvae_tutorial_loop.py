@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyro_vae.config import TrainConfig  # noqa: E402
 from pyro_vae.data import load_dataset  # noqa: E402
-from pyro_vae.train import train  # noqa: E402
+from pyro_vae.training import train  # noqa: E402
 
 
 def _mlp(d_in, hidden, d_out):

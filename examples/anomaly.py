@@ -24,7 +24,7 @@ from pyro_vae.applications import anomaly_scores, auroc
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.run import load_run
-from pyro_vae.train import resolve_device, train
+from pyro_vae.training import resolve_device, train
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--digits", type=int, nargs="+", default=[0, 1, 7, 9], help="the held-out digits, one run each")

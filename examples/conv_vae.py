@@ -9,10 +9,10 @@ from pathlib import Path
 
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.plots import save_image_grid
 from pyro_vae.run import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--dataset", default="mnist", help="mnist, or an image folder of 28x28 or 32x32 images")

@@ -22,14 +22,14 @@ from torch import nn
 
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.models.cvae import quadrant_mask
 from pyro_vae.nets import MLP
 from pyro_vae.plots import save_image_grid
 from pyro_vae.run import load_run
 from pyro_vae.schedules import KLSchedule
-from pyro_vae.train import resolve_device, train, train_epoch
+from pyro_vae.training import resolve_device, train, train_epoch
 
 TUTORIAL = {1: (100.4, 71.8), 2: (61.9, 51.0), 3: (25.4, 24.2)}  # (NN baseline, CVAE), -log p(x_h|x_v)
 

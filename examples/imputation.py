@@ -18,7 +18,7 @@ from pyro_vae.applications import imputation_error, impute, missing_mask
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.run import load_run
-from pyro_vae.train import resolve_device, train
+from pyro_vae.training import resolve_device, train
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--epochs", type=int, default=10)

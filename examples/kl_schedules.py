@@ -12,7 +12,7 @@ from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.objectives import kl_per_dimension
 from pyro_vae.run import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 SCHEDULES = {
     "beta=1": {},

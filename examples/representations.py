@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pyro_vae.applications import represent_run
 from pyro_vae.config import TrainConfig
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 # Kingma et al. 2014, Table 1: test error (%) of M1 features + a transductive SVM
 M1_TSVM_ERROR = {100: 11.82, 600: 5.72, 1000: 4.24, 3000: 3.49}

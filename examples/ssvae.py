@@ -12,7 +12,7 @@ weights of that epoch are kept in RUN/best.pt (`pyro-vae eval RUN --best`).
 import argparse
 
 from pyro_vae.config import TrainConfig
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 TUTORIAL = {100: 0.932, 600: 0.944, 1000: 0.949, 3000: 0.958}  # Pyro SS-VAE tutorial, 50 epochs
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributions as tdist
 
-from pyro_vae.evaluate import active_units_per_site, evaluate, posterior_means
+from pyro_vae.evaluation import active_units_per_site, evaluate, posterior_means
 
 
 def check_pair_for(what: str, model, guide) -> None:
@@ -273,7 +273,7 @@ def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False):
     import pyro
 
     from pyro_vae.run import load_run
-    from pyro_vae.train import resolve_device
+    from pyro_vae.training import resolve_device
 
     pyro.set_rng_seed(seed)
     return load_run(run_dir, resolve_device(device), best=best)

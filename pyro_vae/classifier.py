@@ -47,7 +47,7 @@ def train_classifier(data: Dataset, epochs: int = 2, batch_size: int = 128, lr: 
                      net: str = "conv", hidden: Sequence[int] = (128,), seed: int = 0) -> Classifier:
     """Fit a Classifier to ``data.train`` and its labels with Adam (the one training step,
     ``train.train_epoch``); returns it in eval mode."""
-    from pyro_vae.train import train_epoch
+    from pyro_vae.training import train_epoch
 
     if data.train_labels is None or not data.num_classes:
         raise ValueError(f"a classifier needs labelled data; {data.name!r} has no labels")

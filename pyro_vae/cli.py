@@ -69,15 +69,36 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
             p.add_argument(flag, type=typ, default=None, help=text)
+    for kind in ("model", "guide"):
+        p.add_argument(f"--{kind}-option", dest=f"{kind}_option", metavar="KEY=VALUE", action="append",
+                       default=None, help=f"an argument of the {kind}'s constructor, e.g. --{kind}-option "
+                                          f"hidden_dim=400 (repeatable; joins the config's {kind}_options)")
 
 
 def _train_config(args):
     from pyro_vae.config import TrainConfig
 
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    if args.config:
-        return TrainConfig.from_toml(args.config, **given)
-    return TrainConfig.from_dict(given)
+    config = TrainConfig.from_toml(args.config, **given) if args.config else TrainConfig.from_dict(given)
+    for kind in ("model", "guide"):
+        options = getattr(config, f"{kind}_options")
+        options.update(_key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option"))
+    return config
+
+
+def _key_values(items, flag: str) -> dict:
+    """``["hidden_dim=400", "name=x"]`` -> {"hidden_dim": 400, "name": "x"} (numbers and true/false read
+    as such)."""
+    from pyro_vae.objectives import parse_spec
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} hidden_dim=400")
+        key, value = (part.strip() for part in item.split("=", 1))
+        lowered = value.lower()
+        out[key] = {"true": True, "false": False}.get(lowered, parse_spec(f"_:{key}={value}")[1][key])
+    return out
 
 
 def _launch_torchrun(args) -> int:
@@ -100,7 +121,7 @@ def cmd_train(args) -> int:
     import os
 
     from pyro_vae.run import load_config
-    from pyro_vae.train import train
+    from pyro_vae.training import train
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
@@ -132,7 +153,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pyro_vae.evaluate import evaluate_run
+    from pyro_vae.evaluation import evaluate_run
 
     r = evaluate_run(args.run, k=args.k, device=args.device, seed=args.seed, test_size=args.test_size,
                      max_batch_particles=args.max_batch_particles, progress=not args.quiet,
@@ -282,10 +303,10 @@ def cmd_represent(args) -> int:
 def cmd_demo(args) -> int:
     """Train the iwae1 VAE on binarized MNIST, evaluate, draw pictures, summarise."""
     from pyro_vae.config import TrainConfig
-    from pyro_vae.evaluate import evaluate_run
+    from pyro_vae.evaluation import evaluate_run
     from pyro_vae.plots import save_training_curve
     from pyro_vae.run import read_metrics
-    from pyro_vae.train import train
+    from pyro_vae.training import train
 
     run = Path(args.out)
     config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,

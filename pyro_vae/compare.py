@@ -119,10 +119,10 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     estimator's trained model, for ``iwae`` and ``dreg`` at each K in ``snr_ks``.
     """
     from pyro_vae.data import load_dataset
-    from pyro_vae.evaluate import active_units, evaluate
+    from pyro_vae.evaluation import active_units, evaluate
     from pyro_vae.plots import save_bound_curves, save_snr_against_k
     from pyro_vae.run import load_run
-    from pyro_vae.train import resolve_device, train
+    from pyro_vae.training import resolve_device, train
 
     base = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     if not estimators:

@@ -4,7 +4,7 @@ from pyro_vae.checks import DataError
 from pyro_vae.objectives.base import SiteMismatchError
 from pyro_vae.registry import UnknownNameError
 from pyro_vae.run import CheckpointError
-from pyro_vae.train import TrainingDiverged
+from pyro_vae.training import TrainingDiverged
 
 USER_ERRORS = (DataError, SiteMismatchError, UnknownNameError, CheckpointError, TrainingDiverged,
                ValueError, FileNotFoundError)

@@ -6,7 +6,7 @@ import torch
 from pyro_vae.amp import amp_dtype, autocast_layers
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.objectives import make_estimator, make_objective
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 def _pair(seed=0):

@@ -20,7 +20,7 @@ from pyro_vae.applications import (
     traverse,
 )
 from pyro_vae.data import DataError, load_dataset
-from pyro_vae.evaluate import mutual_information, posterior_means
+from pyro_vae.evaluation import mutual_information, posterior_means
 from pyro_vae.guides import GaussianGuide, HierarchicalGuide, IAFGuide, LinearPosteriorGuide
 from pyro_vae.models import HierarchicalVAE, LinearGaussian
 

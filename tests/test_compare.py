@@ -15,7 +15,7 @@ from pyro_vae.cli import main
 from pyro_vae.compare import compare, gradient_snr, snr_against_k
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import Dataset
-from pyro_vae.evaluate import active_units
+from pyro_vae.evaluation import active_units
 from pyro_vae.guides.gaussian import GaussianGuide
 from pyro_vae.models.vae import LinearGaussian
 from pyro_vae.objectives import Objective, make_estimator

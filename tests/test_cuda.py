@@ -5,10 +5,10 @@ import torch
 
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.objectives import Objective, make_estimator
 from pyro_vae.run import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

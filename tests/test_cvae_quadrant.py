@@ -10,10 +10,10 @@ from pyro import poutine
 from pyro_vae.cli import main
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.models.cvae import quadrant_mask
 from pyro_vae.run import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 def test_quadrant_masks_follow_the_tutorial():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from pyro_vae.evaluate import (
+from pyro_vae.evaluation import (
     BlockNoise,
     _Chunk,
     active_units,

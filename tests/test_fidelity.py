@@ -7,7 +7,7 @@ from pyro_vae.classifier import class_fidelity, train_classifier
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.run import load_run
-from pyro_vae.train import accuracy, train
+from pyro_vae.training import accuracy, train
 
 
 def test_classifier_labels_cvae_samples_with_their_class(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide
-from pyro_vae.evaluate import active_units, evaluate, mutual_information
+from pyro_vae.evaluation import active_units, evaluate, mutual_information
 from pyro_vae.objectives import ESTIMATORS, Objective, check_pair, log_weights, make_estimator
 
 

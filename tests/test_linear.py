@@ -4,7 +4,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.guides import GaussianGuide, LinearPosteriorGuide
 from pyro_vae.models import LinearGaussian
 from pyro_vae.objectives import Objective, log_weights, make_estimator

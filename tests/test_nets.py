@@ -10,11 +10,11 @@ import torch
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.likelihoods import DataError, DiscretizedLogisticDistribution, make_likelihood
 from pyro_vae.nets import ConvEncoder, decoder_net
 from pyro_vae.run import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 32, 32)])

@@ -15,7 +15,7 @@ from pyro_vae.objectives import KLPenaltyObjective, kl_per_dimension, make_estim
 from pyro_vae.objectives.kl_penalty import KLNotAvailableError
 from pyro_vae.run import load_run, read_metrics
 from pyro_vae.schedules import KLSchedule
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 def test_cyclical_schedule_follows_fu_et_al():

@@ -9,7 +9,7 @@ from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.objectives import make_estimator
 from pyro_vae.run import load_run
-from pyro_vae.train import accuracy, train
+from pyro_vae.training import accuracy, train
 
 
 def test_keep_labels_hides_all_but_n_balanced_labels():

@@ -11,7 +11,7 @@ from pyro_vae.models import VAE
 from pyro_vae.objectives import Objective, SiteMismatchError, make_estimator
 from pyro_vae.registry import UnknownNameError
 from pyro_vae.run import CheckpointError, load_checkpoint, load_run, read_metrics
-from pyro_vae.train import TrainingDiverged, train
+from pyro_vae.training import TrainingDiverged, train
 
 
 def small_config(**kw):

@@ -1,6 +1,7 @@
-"""Pyro's VAE example (examples/vae/vae.py), typed the way Pyro users write it: one module with
-``model`` and ``guide`` methods, ``pyro.module`` registration, sites named "latent" and "obs",
-a constructor taking ``z_dim`` and ``hidden_dim``. Nothing in it knows about pyro-vae."""
+"""Pyro's VAE example (examples/vae/vae.py in Pyro's repository), typed the way Pyro users write
+it: one module with ``model`` and ``guide`` methods, ``pyro.module`` registration, sites named
+"latent" and "obs", a constructor taking ``z_dim`` and ``hidden_dim``. Nothing in it knows about
+pyro-vae; ``examples/pyro_example_compare.py`` trains it by import path."""
 
 import pyro
 import pyro.distributions as dist
