@@ -135,9 +135,12 @@ class BlockNoise(Messenger):
         fn = msg["fn"]
         batch = len(fn.batch_shape)
         dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}
-        if "data" not in dims:
-            raise ValueError(f"latent site {msg['name']!r} is not inside pyro.plate('data', ...): "
-                             f"evaluation needs per-data-point latents (as in VAEs)")
+        data_plate = self._data_plate(msg)
+        if data_plate is None:
+            raise ValueError(f"latent site {msg['name']!r} is not inside a plate over the "
+                             f"{len(self.data_index)} data points: evaluation needs per-data-point "
+                             f"latents (as in VAEs)")
+        dims["data"] = dims[data_plate]
         value = self._draw(msg["name"], fn, dims)
         if value is None:
             if (msg["name"], type(fn)) not in _WARNED:  # once per site and family, not per chunk
@@ -148,6 +151,14 @@ class BlockNoise(Messenger):
             return
         # the same tensor where no broadcast is needed: a flow's transforms cache it for log_prob
         msg["value"] = value if value.shape == fn.shape() else value.expand(fn.shape())
+
+    def _data_plate(self, msg) -> str | None:
+        """The plate over the data points: of the site's plates of that size, the one named
+        ``data`` if there is one, else the outermost."""
+        frames = sorted((f for f in msg["cond_indep_stack"]
+                         if f.name != PARTICLE_PLATE and f.size == len(self.data_index)), key=lambda f: f.dim)
+        names = [f.name for f in frames]
+        return "data" if "data" in names else (names[0] if names else None)
 
     def _draw(self, name: str, fn, dims: dict):
         """A reparameterised draw of ``fn`` from the block noise, or None for other families."""

@@ -1,0 +1,123 @@
+"""Users' own Pyro programs, written as Pyro users write them (tests/programs/, and Pyro's VAE
+example in examples/pyro_example_vae.py), through the command line and from Python."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+
+import pyro_vae
+from pyro_vae.cli import main
+from pyro_vae.programs import Program, context_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _programs_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "programs"))
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def mixture_2d(path: Path, n: int = 3000, scale: float = 1.0) -> Path:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [6.0, 2.0], [-4.0, 5.0]])
+    x = centers[torch.randint(0, 3, (n,), generator=g)] + torch.randn(n, 2, generator=g) * torch.tensor([1.0, 0.5])
+    np.save(path, (scale * x).numpy().astype(np.float32))
+    return path
+
+
+def test_pyro_example_pair_trains_and_evaluates_by_import_path(tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", "pyro_example_vae:VAE", "--guide", "pyro_example_vae:VAE",
+               "--model-option", "hidden_dim=64", "--train-size", 1000, "--test-size", 100, "--epochs", 2,
+               "--out", run, "--quiet") == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_options"] == {"hidden_dim": 64}
+    assert cli("eval", run, "--k", 50, "--quiet") == 0
+    r = json.loads((run / "eval.json").read_text())
+    assert r["test_elbo"] <= r["test_log_likelihood"] < -100  # nats per 784 binary pixels
+    _, model, guide = pyro_vae.load_run(run)
+    assert isinstance(model, Program) and model.owner is guide.owner  # one VAE serves both methods
+    assert model.owner.decoder.fc1.out_features == 64
+
+
+def test_constructor_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli("train", "--model", "pyro_example_vae:VAE", "--guide", "pyro_example_vae:VAE",
+               "--model-option", "hiden_dim=64", "--out", run) == 2
+    err = capsys.readouterr().err.strip()
+    assert "takes no option 'hiden_dim'" in err and "z_dim, hidden_dim, use_cuda" in err and "\n" not in err
+    assert cli("train", "--model", "needs_width:Model", "--guide", "gaussian", "--out", run) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs 'width'" in err and "--model-option width=VALUE" in err
+    assert not run.exists()
+
+
+def test_bernoulli_program_on_real_valued_data_stops_at_the_first_step(tmp_path, capsys):
+    data = mixture_2d(tmp_path / "points.npy")
+    run = tmp_path / "run"
+    assert cli("train", "--model", "bernoulli_points:model", "--guide", "functional:guide",
+               "--dataset", data, "--likelihood", "gaussian", "--out", run) == 2
+    err = capsys.readouterr().err
+    assert "support" in err and "Bernoulli" in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_functions_with_pyro_param_train_save_and_load(tmp_path):
+    data = mixture_2d(tmp_path / "points.npy")
+    run = tmp_path / "run"
+    metrics = pyro_vae.train(pyro_vae.TrainConfig(model="functional:model", guide="functional:guide",
+                                                  dataset=str(data), likelihood="gaussian", epochs=3,
+                                                  estimator="elbo"), run, quiet=True)
+    assert metrics[-1]["test_loss"] < metrics[0]["test_loss"] - 1.0
+    config, model, guide = pyro_vae.load_run(run)
+    noise = pyro.param("noise")
+    assert "noise" in model.found and abs(float(noise.detach()) - 0.5) > 0.01  # the learned value, reloaded
+    x = torch.as_tensor(np.load(data))[:200]
+    a = pyro_vae.evaluate(model, guide, x, k=64, psis=False)["test_log_likelihood"]
+    _, model2, guide2 = pyro_vae.load_run(run)
+    b = pyro_vae.evaluate(model2, guide2, x, k=64, psis=False)["test_log_likelihood"]
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_pyro_svi_trains_the_builtins():
+    from pyro_vae.data import load_dataset
+    from pyro_vae.guides import GaussianGuide
+    from pyro_vae.models import VAE
+
+    data = load_dataset("binarized-mnist", "cpu", train_size=2000, test_size=100)
+    model, guide = VAE(z_dim=20), GaussianGuide(z_dim=20)
+    svi = SVI(model, guide, Adam({"lr": 1e-3}), Trace_ELBO())
+    losses = [svi.step(data.batch(torch.arange(i * 100 % 1900, i * 100 % 1900 + 100))) / 100 for i in range(60)]
+    assert len(pyro.get_param_store()) == len(list(model.parameters())) + len(list(guide.parameters()))
+    assert np.mean(losses[-10:]) < losses[0] - 250  # 549 nats at step 0, about 210 after 60 steps
+
+
+def test_labels_reach_programs_that_name_y():
+    from label_concat import Guide, Model
+
+    model, guide = Program(Model(x_dim=4, z_dim=2, num_classes=3)), Program(Guide(x_dim=4, z_dim=2, num_classes=3))
+    assert context_keys(model, guide) == ("y",)
+
+
+def test_import_pyro_vae_is_the_api_and_stays_light():
+    import subprocess
+
+    code = ("import sys, pyro_vae; names = [pyro_vae.train, pyro_vae.load_run, pyro_vae.evaluate, "
+            "pyro_vae.make_estimator, pyro_vae.TrainConfig, pyro_vae.Objective]; "
+            "print(all(callable(n) for n in names), 'arviz' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
