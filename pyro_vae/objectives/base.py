@@ -149,8 +149,13 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     """How many plates the pair nests (the most negative plate dim), from one unvectorized
     trace, as Pyro's ``ELBO._guess_max_plate_nesting``: the particle plate goes left of them."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):  # the guess leaves the random numbers alone
-        model_trace, guide_trace = _pair_traces_for_checking(model, guide, args, kwargs)
+    tracing = torch._C._get_tracing_state()  # under --jit: keep the guess out of the recorded graph
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.random.fork_rng(devices=devices):  # the guess leaves the random numbers alone
+            model_trace, guide_trace = _pair_traces_for_checking(model, guide, args, kwargs)
+    finally:
+        torch._C._set_tracing_state(tracing)
     dims = [f.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
             if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized]
     return -min(dims) if dims else 0
