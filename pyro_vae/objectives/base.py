@@ -74,7 +74,7 @@ def check_pair(model, guide, *args, **kwargs) -> None:
     same shapes, as Pyro's ``check_model_guide_match`` and ``check_site_shape`` require.
 
     With no data given, compares the declared ``latent_sites`` of both (if declared); with data,
-    traces the guide once and replays the model on it. Sites the model enumerates
+    traces each once. Sites the model enumerates
     (``infer={"enumerate": "parallel"}``, or declared ``enumerated_sites``) may be absent from the
     guide; guide sites marked ``infer={"is_auxiliary": True}`` may be absent from the model.
     Called once before training, not in the per-step path.
@@ -85,7 +85,9 @@ def check_pair(model, guide, *args, **kwargs) -> None:
         model_sites, guide_sites = set(latent_site_names(model)), set(latent_site_names(guide))
         _check_site_names(model, guide, model_sites, guide_sites, set(getattr(model, "enumerated_sites", ())))
         return
-    model_trace, guide_trace = _pair_traces_for_checking(model, guide, args, kwargs)
+    with torch.no_grad(), poutine.block():  # each on its own: a guide of the wrong shape may crash the model
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_sites = {n: s for n, s in model_trace.nodes.items() if _is_latent(s)}
     guide_sites = {n: s for n, s in guide_trace.nodes.items() if _is_latent(s)}
     enumerated = {n for n, s in model_sites.items() if s["infer"].get("enumerate") == "parallel"}
