@@ -51,11 +51,15 @@ class _TraceEnumELBO(TraceEnum_ELBO):
     ``torch.no_grad()`` (test losses), with no trainable parameters, and with nothing to
     enumerate (a fully labelled batch); its arguments are any ``model(*args, **kwargs)``'s."""
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def _get_traces(self, model, guide, args, kwargs):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no sample sites configured for enumeration")
-            elbo = sum(_compute_dice_elbo(model_trace, guide_trace)
-                       for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs))
+            pairs = list(super()._get_traces(model, guide, args, kwargs))
+        yield from pairs
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo = sum(_compute_dice_elbo(model_trace, guide_trace)
+                   for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs))
         return -torch.as_tensor(elbo) / self.num_particles
 
 
