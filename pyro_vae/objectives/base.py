@@ -62,7 +62,7 @@ def _plates(site) -> dict:
     return {f.name: f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
 
 
-def _pair_traces_for_checking(model, guide, args, kwargs):
+def _unvectorized_traces(model, guide, args, kwargs):
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -155,7 +155,7 @@ def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     torch._C._set_tracing_state(None)
     try:
         with torch.random.fork_rng(devices=devices):  # the guess leaves the random numbers alone
-            model_trace, guide_trace = _pair_traces_for_checking(model, guide, args, kwargs)
+            model_trace, guide_trace = _unvectorized_traces(model, guide, args, kwargs)
     finally:
         torch._C._set_tracing_state(tracing)
     dims = [f.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
@@ -266,7 +266,7 @@ def _observed_scale(model_trace):
     return scale
 
 
-def _reduce(lp, particle_dim: int, data_dim: int | None, shape: tuple) -> torch.Tensor:
+def _reduce(lp, particle_dim: int, data_dim: int | None, shape: tuple) -> torch.Tensor | None:
     """Sum a site's log-density over every dim but the particle and data dims -> ``shape``."""
     if not torch.is_tensor(lp):
         return None
