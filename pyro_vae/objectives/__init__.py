@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from pyro.infer import TraceEnum_ELBO
+from pyro.infer.traceenum_elbo import _compute_dice_elbo
 
 from pyro_vae.objectives.base import (
     Objective,
@@ -46,21 +47,29 @@ def meanfield(**opts):
 
 
 class _TraceEnumELBO(TraceEnum_ELBO):
-    """TraceEnum_ELBO whose ``differentiable_loss`` also answers under ``torch.no_grad()`` (for
-    test losses) and with nothing to enumerate (a fully labelled batch)."""
+    """TraceEnum_ELBO whose ``differentiable_loss`` is the loss itself, also under
+    ``torch.no_grad()`` (test losses), with no trainable parameters, and with nothing to
+    enumerate (a fully labelled batch); its arguments are any ``model(*args, **kwargs)``'s."""
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def _get_traces(self, model, guide, args, kwargs):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no sample sites configured for enumeration")
-            if torch.is_grad_enabled():
-                return super().differentiable_loss(model, guide, *args, **kwargs)
-            return torch.as_tensor(self.loss(model, guide, *args, **kwargs), device=args[0].device)
+            pairs = list(super()._get_traces(model, guide, args, kwargs))
+        yield from pairs
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo = sum(_compute_dice_elbo(model_trace, guide_trace)
+                   for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs))
+        return -torch.as_tensor(elbo) / self.num_particles
 
 
 @ESTIMATORS.register("enum")
 def enum(**opts):
     """TraceEnum_ELBO: the ELBO with discrete latent sites marked ``infer={"enumerate":
-    "parallel"}`` summed out exactly (the label of the semi-supervised ssvae)."""
+    "parallel"}`` summed out exactly, in the guide (the label of the semi-supervised ssvae) or in
+    the model alone (a mixture prior's component). ``max_plate_nesting`` is guessed from one
+    trace unless given, as Pyro does."""
+    opts.setdefault("max_plate_nesting", float("inf"))
     return _pyro_elbo(_TraceEnumELBO, **opts)
 
 

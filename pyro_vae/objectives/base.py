@@ -3,12 +3,16 @@ check, vectorized importance log-weights, and the ``Objective`` module the train
 
 from __future__ import annotations
 
+from itertools import zip_longest
+from typing import NamedTuple
+
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_site_shape
 from torch import nn
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
@@ -49,31 +53,92 @@ def latent_site_names(fn, *args, **kwargs) -> list[str]:
     return [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
 
 
-def check_pair(model, guide, *args, **kwargs) -> None:
-    """Raise SiteMismatchError when the guide does not cover exactly the model's latent sites.
+def _is_latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
-    With no data given, uses the declared ``latent_sites`` of both (if declared); with data,
-    traces both programs once. Sites the model enumerates (``infer={"enumerate": ...}``) may be
-    absent from the guide.
+
+def _plates(site) -> dict:
+    """The vectorized plates around a site, by name, the particle plate left out."""
+    return {f.name: f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
+
+
+def _unvectorized_traces(model, guide, args, kwargs):
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def check_pair(model, guide, *args, **kwargs) -> None:
+    """Raise SiteMismatchError unless the guide samples exactly the model's latent sites, with the
+    same shapes, as Pyro's ``check_model_guide_match`` and ``check_site_shape`` require.
+
+    With no data given, compares the declared ``latent_sites`` of both (if declared); with data,
+    traces each once. Sites the model enumerates
+    (``infer={"enumerate": "parallel"}``, or declared ``enumerated_sites``) may be absent from the
+    guide; guide sites marked ``infer={"is_auxiliary": True}`` may be absent from the model.
+    Called once before training, not in the per-step path.
     """
-    if not args and (getattr(model, "latent_sites", None) is None or getattr(guide, "latent_sites", None) is None):
+    if not args and not kwargs:
+        if getattr(model, "latent_sites", None) is None or getattr(guide, "latent_sites", None) is None:
+            return
+        model_sites, guide_sites = set(latent_site_names(model)), set(latent_site_names(guide))
+        _check_site_names(model, guide, model_sites, guide_sites, set(getattr(model, "enumerated_sites", ())))
         return
-    m = set(latent_site_names(model, *args, **kwargs))
-    g = set(latent_site_names(guide, *args, **kwargs))
-    optional = set(getattr(model, "enumerated_sites", ()))
-    missing, extra = m - g - optional, g - m
+    with torch.no_grad(), poutine.block():  # each on its own: a guide of the wrong shape may crash the model
+        model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_sites = {n: s for n, s in model_trace.nodes.items() if _is_latent(s)}
+    guide_sites = {n: s for n, s in guide_trace.nodes.items() if _is_latent(s)}
+    enumerated = {n for n, s in model_sites.items() if s["infer"].get("enumerate") == "parallel"}
+    auxiliary = {n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")}
+    _check_site_names(model, guide, set(model_sites), set(guide_sites) - auxiliary,
+                      enumerated | set(getattr(model, "enumerated_sites", ())))
+    for name in sorted(set(model_sites) & set(guide_sites)):
+        _check_site_shapes(name, model_sites[name]["fn"], guide_sites[name]["fn"])
+    for trace, who in ((model_trace, "model"), (guide_trace, "guide")):
+        trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                try:
+                    check_site_shape(site, max_plate_nesting=float("inf"))
+                except ValueError as e:
+                    raise SiteMismatchError(f"{who} site {name!r}: {' '.join(str(e).split())}") from None
+
+
+def _check_site_names(model, guide, model_sites: set, guide_sites: set, enumerated: set) -> None:
+    missing, extra = model_sites - guide_sites - enumerated, guide_sites - model_sites
     if missing or extra:
         raise SiteMismatchError(
-            f"model {type(model).__name__} and guide {type(guide).__name__} disagree on latent sites: "
+            f"model {_name(model)} and guide {_name(guide)} disagree on latent sites: "
             + (f"the guide does not sample {sorted(missing)}" if missing else "")
             + ("; " if missing and extra else "")
             + (f"the model has no latent site {sorted(extra)}" if extra else "")
-            + ". Pair the model with a guide for the same sites (same names)."
+            + ". Pair the model with a guide for the same sites (same names), or enumerate a "
+              "model site with infer={'enumerate': 'parallel'} and train with 'enum'."
         )
 
 
+def _check_site_shapes(name: str, model_fn, guide_fn) -> None:
+    """Pyro's rule: same event dim, and batch shapes equal (missing leading dims count as 1)."""
+    model_shape, guide_shape = tuple(model_fn.shape()), tuple(guide_fn.shape())
+    same_event = model_fn.event_dim == guide_fn.event_dim
+    if same_event and all(m == g for m, g in zip_longest(reversed(model_shape), reversed(guide_shape), fillvalue=1)):
+        return
+    raise SiteMismatchError(
+        f"model and guide disagree on the shape of site {name!r}: the model's is {model_shape} with "
+        f"{model_fn.event_dim} event dims, the guide's {guide_shape} with {guide_fn.event_dim}. Give "
+        f"the guide's distribution the model's shape (e.g. .to_event(n) for event dims)."
+    )
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def vectorize(fn, num_particles: int, max_plate_nesting: int = 1):
-    """Run ``fn`` inside an outermost plate of ``num_particles`` particles, as Pyro's ELBOs do."""
+    """Run ``fn`` inside an outermost plate of ``num_particles`` particles, as Pyro's ELBOs do:
+    the particle plate sits at dim ``-(max_plate_nesting + 1)``, left of every plate of ``fn``."""
 
     def wrapped(*args, **kwargs):
         with pyro.plate(PARTICLE_PLATE, num_particles, dim=-(max_plate_nesting + 1)):
@@ -82,10 +147,27 @@ def vectorize(fn, num_particles: int, max_plate_nesting: int = 1):
     return wrapped
 
 
-def site_log_prob(site, detach_params: bool = False) -> torch.Tensor:
-    """Scaled, masked log-density of a traced sample site (optionally with stopped parameters)."""
+def guess_max_plate_nesting(model, guide, args, kwargs) -> int:
+    """How many plates the pair nests (the most negative plate dim), from one unvectorized
+    trace, as Pyro's ``ELBO._guess_max_plate_nesting``: the particle plate goes left of them."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    tracing = torch._C._get_tracing_state()  # under --jit: keep the guess out of the recorded graph
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.random.fork_rng(devices=devices):  # the guess leaves the random numbers alone
+            model_trace, guide_trace = _unvectorized_traces(model, guide, args, kwargs)
+    finally:
+        torch._C._set_tracing_state(tracing)
+    dims = [f.dim for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+            if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized]
+    return -min(dims) if dims else 0
+
+
+def site_log_prob(site, detach_params: bool = False, scale=None) -> torch.Tensor:
+    """Masked log-density of a traced sample site, times ``scale`` (default: the site's own),
+    optionally with stopped parameters."""
     fn = detach_distribution(site["fn"]) if detach_params else site["fn"]
-    return scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
+    return scale_and_mask(fn.log_prob(site["value"]), site["scale"] if scale is None else scale, site["mask"])
 
 
 def detach_distribution(d):
@@ -107,13 +189,19 @@ def detach_distribution(d):
         return detach(d)
 
 
-def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, **context):
-    """Trace the guide with ``num_particles`` vectorized particles and replay the model on it."""
-    guide_trace = poutine.trace(vectorize(guide, num_particles, max_plate_nesting)).get_trace(x, **context)
+def pair_traces(model, guide, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int):
+    """Trace ``guide(*args, **kwargs)`` with ``num_particles`` vectorized particles (the particle
+    plate at dim ``-(max_plate_nesting + 1)``) and replay the model on it."""
+    guide_trace = poutine.trace(vectorize(guide, num_particles, max_plate_nesting)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(
         poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=guide_trace)
-    ).get_trace(x, **context)
+    ).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, **context):
+    """``pair_traces`` for programs called as ``model(x, **context)``."""
+    return pair_traces(model, guide, (x,), context, num_particles, max_plate_nesting)
 
 
 def _to_particle_data_shape(lp: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -122,34 +210,137 @@ def _to_particle_data_shape(lp: torch.Tensor, k: int, b: int) -> torch.Tensor:
     return lp.expand(k, b) if lp.dim() == 2 else lp.reshape(1, 1).expand(k, b)
 
 
-def log_weight_parts(model_trace, guide_trace, k: int, b: int, detach_guide_params=False):
-    """(log p(x, z), log q(z|x)) per particle and data point, each (K, B).
+class ImportanceWeights(NamedTuple):
+    """log w = log p(x, z) - log q(z | x) per particle and data point, and the factor outside.
 
-    Plates' subsample sites are left out: their log-density is 0, and a CPU tensor even when
-    the model runs on CUDA (``pyro.plate`` without ``device=``).
+    ``log_p`` and ``log_q`` are (K, B): K particles, B data points of the data plate (B = 1 when
+    the weight is the whole batch's). The bound is ``scale * sum_b bound_b(log_p - log_q)``.
     """
-    log_p = sum(
-        _to_particle_data_shape(site_log_prob(s), k, b)
-        for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)
-    )
-    log_q = sum(
-        _to_particle_data_shape(site_log_prob(s, detach_guide_params), k, b)
-        for s in guide_trace.nodes.values()
-        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
-    )
-    return log_p, log_q
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    scale: float | torch.Tensor
+    particle_dim: int  # where the particles are in the sites' batch shapes
+    data_dim: int | None  # where the data points are; None: one weight for the whole batch
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_p - self.log_q
+
+
+def find_data_plate(model_trace):
+    """The plate whose entries are the data points: the one plate around every observed site; if
+    several are, the subsampled one, else the one named ``data``, else the one that also holds
+    latent sites. None when no plate holds every observed site."""
+    observed = [s for s in model_trace.nodes.values()
+                if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)]
+    if not observed:
+        return None
+    common = set.intersection(*(set(_plates(s)) for s in observed))
+    candidates = [_plates(observed[0])[n] for n in sorted(common)]
+    latent_plates = set().union(*(set(_plates(s)) for s in model_trace.nodes.values() if _is_latent(s)))
+    for keep in (lambda f: f.full_size is not None and f.full_size != f.size,
+                 lambda f: f.name == "data",
+                 lambda f: f.name in latent_plates):
+        if len(candidates) <= 1:
+            break
+        candidates = [f for f in candidates if keep(f)] or candidates
+    if len(candidates) > 1:
+        raise ValueError(f"cannot tell which of the plates {[f.name for f in candidates]} around the observed "
+                         f"site holds the data points; name that plate 'data'")
+    return candidates[0] if candidates else None
+
+
+def _observed_scale(model_trace):
+    """The scale common to every observed site (a subsampling factor N/B, ``poutine.scale``)."""
+    scales = [s["scale"] for s in model_trace.nodes.values()
+              if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)]
+    scale = scales[0]
+    for other in scales[1:]:
+        if other is not scale and not (isinstance(other, (int, float)) and other == scale):
+            raise ValueError("the observed sites carry different scales (subsampling factors); the "
+                             "importance-weighted bounds need one: give every observed site the same scale")
+    if torch.is_tensor(scale) and scale.numel() != 1:
+        raise ValueError("the observed site's scale is a tensor of shape "
+                         f"{tuple(scale.shape)}; the importance-weighted bounds need one number (N/B)")
+    return scale
+
+
+def _reduce(lp, particle_dim: int, data_dim: int | None, shape: tuple) -> torch.Tensor | None:
+    """Sum a site's log-density over every dim but the particle and data dims -> ``shape``."""
+    if not torch.is_tensor(lp):
+        return None
+    n = -particle_dim
+    if lp.dim() < n:
+        lp = lp.reshape((1,) * (n - lp.dim()) + tuple(lp.shape))
+    keep = {lp.dim() + particle_dim} | ({lp.dim() + data_dim} if data_dim is not None else set())
+    summed = [d for d in range(lp.dim()) if d not in keep]
+    if summed:
+        lp = lp.sum(summed)
+    return lp.reshape(lp.shape + (1,) * (2 - lp.dim())).expand(shape)
+
+
+def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool = False) -> ImportanceWeights:
+    """Log importance weights from a guide trace with vectorized particles and the model
+    replayed on it.
+
+    Per data point (every latent inside the data plate, as in a VAE): with s the scale of the
+    observed site (N/B under ``plate(N, subsample_size=B)`` or ``poutine.scale``), each site's
+    log-density enters with its own scale divided by s, and s multiplies the bound from outside:
+    s * sum_b log (1/K) sum_k w_bk. A latent's KL weight beta (``ScaleLatents``) stays inside.
+
+    With a latent outside the data plate (a global latent), or no plate around the observed
+    sites, the weight is the whole batch's: log w_k sums every site, each with its own scale,
+    global terms once (as Pyro's RenyiELBO): an exact IWAE bound on the batch's log p(x) without
+    subsampling; under subsampling the usual scaled estimate of it. At K = 1 both are the ELBO.
+    ``detach_guide_params`` stops gradients through q's parameters in log q (Roeder et al. 2017).
+    """
+    particle = next((f for t in (guide_trace, model_trace) for s in t.nodes.values() if s["type"] == "sample"
+                     for f in s["cond_indep_stack"] if f.name == PARTICLE_PLATE), None)
+    if particle is None:
+        raise ValueError("importance weights need traces with vectorized particles (base.pair_traces)")
+    for name, site in model_trace.nodes.items():
+        if _is_latent(site) and name not in guide_trace.nodes:
+            raise SiteMismatchError(
+                f"model site {name!r} is not sampled by the guide; the importance-weighted estimators draw "
+                f"every latent from the guide: sample {name!r} in the guide, or use 'enum' for a site "
+                f"the model enumerates")
+    data = find_data_plate(model_trace)
+    latents = [s for t in (model_trace, guide_trace) for s in t.nodes.values() if _is_latent(s)]
+    per_point = data is not None and all(data.name in _plates(s) for s in latents)
+    scale = _observed_scale(model_trace) if per_point else 1.0
+    shape = (particle.size, data.size if per_point else 1)
+    data_dim = data.dim if per_point else None
+
+    def total(trace, sites, detach):
+        parts = [_reduce(site_log_prob(s, detach, _divide(s["scale"], scale)), particle.dim, data_dim, shape)
+                 for s in sites]
+        parts = [p for p in parts if p is not None]
+        return sum(parts[1:], parts[0]) if parts else torch.zeros(shape)
+
+    model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    guide_sites = [s for s in guide_trace.nodes.values() if _is_latent(s)]
+    return ImportanceWeights(total(model_trace, model_sites, False),
+                             total(guide_trace, guide_sites, detach_guide_params), scale, particle.dim, data_dim)
+
+
+def _divide(site_scale, scale):
+    return site_scale if isinstance(scale, (int, float)) and scale == 1.0 else site_scale / scale
+
+
+def log_weight_parts(model_trace, guide_trace, k: int, b: int, detach_guide_params=False):
+    """(log p(x, z), log q(z|x)) per particle and data point, each (K, B), the data plate's scale
+    left out (see ``importance_log_weights``; ``k`` and ``b`` are read from the traces)."""
+    weights = importance_log_weights(model_trace, guide_trace, detach_guide_params)
+    return weights.log_p, weights.log_q
 
 
 def log_weights(model, guide, x, num_particles: int, max_plate_nesting: int = 1,
                 detach_guide_params: bool = False, **context) -> torch.Tensor:
-    """log w_k(x) = log p(x, z_k) - log q(z_k | x) with z_k ~ q(z|x): a tensor (K, batch).
-
-    Every latent site must sit inside the ``data`` plate (per-data-point latents, as in VAEs).
-    ``detach_guide_params`` stops gradients through q's parameters in log q (Roeder et al. 2017).
-    """
+    """log w_k(x) = log p(x, z_k) - log q(z_k | x) with z_k ~ q(z|x): a tensor (K, batch), the
+    data plate's subsampling scale left out (see ``importance_log_weights``)."""
     model_trace, guide_trace = traces(model, guide, x, num_particles, max_plate_nesting, **context)
-    log_p, log_q = log_weight_parts(model_trace, guide_trace, num_particles, x.shape[0], detach_guide_params)
-    return log_p - log_q
+    return importance_log_weights(model_trace, guide_trace, detach_guide_params).log_w
 
 
 class Objective(nn.Module):

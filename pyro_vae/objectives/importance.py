@@ -1,20 +1,26 @@
 """Importance-weighted bounds and their gradient estimators, as ``pyro.infer.ELBO`` subclasses.
 
-Every estimator here works on the (K, B) log-weights of ``base.traces``/``base.log_weight_parts``
-(K vectorized particles per data point, B data points in the ``data`` plate)::
+Every estimator here works on the (K, B) log-weights of ``base.importance_log_weights`` (K
+vectorized particles, B data points of the data plate, found by tracing)::
 
-    log w_k(x) = log p(x | z_k) + beta * (log p(z_k) - log q(z_k | x)),   z_k ~ q(z | x)
+    log w_bk = log p(x_b | z_bk) + beta * (log p(z_bk) - log q(z_bk | x_b)),   z_bk ~ q(z | x_b)
 
-and takes its logsumexp over particles *separately for each data point*. ``beta`` is the KL
-weight: ``Objective`` scales every latent sample site of model and guide by it (``ScaleLatents``),
-so beta multiplies log p(z) - log q(z|x) *inside* each log-weight, before the logsumexp. For
-K = 1 this is exactly E_q[log p(x|z)] - beta KL(q || p); for K > 1 it is the IWAE bound of the
-tempered joint p(x|z) p(z)^beta / q(z|x)^beta (Pyro's RenyiELBO instead multiplies the summed
-log-weight of the whole batch, after scaling, which is not the same thing).
+and takes its logsumexp over particles *separately for each data point*. A subsampling factor
+s = N/B (``plate(N, subsample_size=B)`` or ``poutine.scale``) multiplies the bound from outside,
+s * sum_b bound(log w_b.), with log w from unscaled densities, so that the bound stays a bound.
+``beta`` is the KL weight: ``Objective`` scales every latent sample site of model and guide by it
+(``ScaleLatents``), so beta multiplies log p(z) - log q(z|x) *inside* each log-weight, before the
+logsumexp. For K = 1 this is exactly E_q[log p(x|z)] - beta KL(q || p); for K > 1 it is the IWAE
+bound of the tempered joint p(x|z) p(z)^beta / q(z|x)^beta.
 
-``differentiable_loss(model, guide, x)`` returns the batch **sum** of the negative bound, as
-Pyro's ELBOs do; ``Objective`` divides by the batch size. Its value is always the bound; its
-gradient is the estimator's (a surrogate ``s`` with ``value = bound + s - s.detach()``).
+A program with a latent outside the data plate (a global latent) gets one weight per particle
+for the whole batch, global terms once (B = 1 above, as in Pyro's RenyiELBO); at K = 1 every
+estimator here equals Trace_ELBO on any program.
+
+``differentiable_loss(model, guide, *args, **kwargs)`` takes the programs' arguments as any
+``pyro.infer.ELBO`` does and returns the **sum** over the batch of the negative bound, as Pyro's
+ELBOs do; ``Objective`` divides by the batch size. Its value is always the bound; its gradient
+is the estimator's (a surrogate ``s`` with ``value = bound + s - s.detach()``).
 
 Every guide site must be reparameterizable (``has_rsample``); the error says which is not.
 """
@@ -28,7 +34,13 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae.objectives.base import log_weight_parts, traces, vectorize
+from pyro_vae.objectives.base import (
+    ImportanceWeights,
+    guess_max_plate_nesting,
+    importance_log_weights,
+    pair_traces,
+    vectorize,
+)
 
 
 class NotReparameterizedError(ValueError):
@@ -46,7 +58,7 @@ def _latent_sites(trace):
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
 
 
-def _replay(model, guide_trace, x, num_particles, max_plate_nesting, value_fn, **context):
+def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn):
     """Trace ``model`` replayed on ``guide_trace`` with each latent value replaced by
     ``value_fn(name, value)``; returns (model trace, the guide trace with the replaced values).
 
@@ -57,8 +69,8 @@ def _replay(model, guide_trace, x, num_particles, max_plate_nesting, value_fn, *
     for name, site in _latent_sites(guide_trace):
         replaced.nodes[name] = {**site, "value": value_fn(name, site["value"])}
     model_trace = poutine.trace(
-        poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=replaced)
-    ).get_trace(x, **context)
+        poutine.replay(vectorize(model, num_particles, plates), trace=replaced)
+    ).get_trace(*args, **kwargs)
     return model_trace, replaced
 
 
@@ -72,38 +84,41 @@ class ImportanceWeightedELBO(ELBO):
     weights) or ``surrogate`` (the gradient).
 
     :param K: particles per data point, vectorized (``--particles``).
-    :param max_plate_nesting: plates in the model besides the particle plate (the ``data`` plate).
+    :param max_plate_nesting: plates in the programs besides the particle plate; guessed from
+        one trace at the first call when not given (``inf``), as Pyro's ELBOs do. The particle
+        plate sits at dim ``-self.max_plate_nesting``, left of every plate, for any K.
     """
 
     name = "iwae"
     detach_guide_params = False  # True: the path derivative (Roeder et al. 2017)
 
-    def __init__(self, K: int = 1, max_plate_nesting: int = 1):
-        super().__init__(num_particles=_check_positive_int("K", K),
-                         max_plate_nesting=max_plate_nesting, vectorize_particles=True)
+    def __init__(self, K: int = 1, max_plate_nesting: float = float("inf")):
+        super().__init__(num_particles=_check_positive_int("K", K), vectorize_particles=True)
+        self.max_plate_nesting = max_plate_nesting + 1  # the particle plate included, for every K
 
     # -- the math ----------------------------------------------------------------------------
     def bound(self, lw: torch.Tensor) -> torch.Tensor:
         """(K, B) log weights -> the bound per data point, (B,)."""
         return _log_mean_exp(lw)
 
-    def surrogate(self, model, guide, x, **context) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bound, surrogate), each (B,): the surrogate's gradient is the estimator's."""
-        model_trace, guide_trace = traces(model, guide, x, self.num_particles,
-                                          self.max_plate_nesting, **context)
+    def surrogate(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(bound, surrogate, scale): bound and surrogate per data point (B,), the surrogate's
+        gradient the estimator's; the loss is -scale * sum_b."""
+        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
         self._check_reparameterized(guide_trace)
-        lw = self._log_weights(model_trace, guide_trace, x, self.detach_guide_params)
-        b = self.bound(lw)
-        return b, b
+        w = importance_log_weights(model_trace, guide_trace, self.detach_guide_params)
+        b = self.bound(w.log_w)
+        return b, b, w.scale
 
     # -- helpers -----------------------------------------------------------------------------
-    def _log_weights(self, model_trace, guide_trace, x, detach_guide_params=False):
-        log_p, log_q = log_weight_parts(model_trace, guide_trace, self.num_particles, x.shape[0],
-                                        detach_guide_params)
-        return log_p - log_q
+    def _plates(self, model, guide, args, kwargs) -> int:
+        """The programs' plate nesting (the particle plate left out), guessed once if not given."""
+        if self.max_plate_nesting == float("inf"):
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs) + 1
+        return self.max_plate_nesting - 1
 
-    def _guide_trace(self, guide, x, **context):
-        trace = poutine.trace(vectorize(guide, self.num_particles, self.max_plate_nesting)).get_trace(x, **context)
+    def _guide_trace(self, guide, args, kwargs, plates):
+        trace = poutine.trace(vectorize(guide, self.num_particles, plates)).get_trace(*args, **kwargs)
         self._check_reparameterized(trace)
         return trace
 
@@ -120,24 +135,26 @@ class ImportanceWeightedELBO(ELBO):
     # -- the pyro.infer.ELBO interface -------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
         """(model trace, guide trace) with K vectorized particles, as Pyro's ELBOs give."""
-        return traces(model, guide, args[0], self.num_particles, self.max_plate_nesting, **kwargs)
+        plates = self._plates(model, guide, args, kwargs)
+        return pair_traces(model, guide, args, kwargs, self.num_particles, plates)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """Sum over the batch of the negative bound; its gradient is the estimator's."""
-        if len(args) != 1:
-            raise TypeError(f"{self.name} expects model(x, **context); got {len(args)} positional arguments")
-        value, surrogate = self.surrogate(model, guide, args[0], **kwargs)
+        """-scale * sum_b bound_b: the negative bound summed over the batch (times the
+        subsampling factor); its gradient is the estimator's."""
+        value, surrogate, scale = self.surrogate(model, guide, args, kwargs)
         if surrogate is not value:
             value = surrogate + (value - surrogate).detach()
-        return -value.sum()
+        return -scale * value.sum()
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
             return float(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The loss; back-propagates it when anything in it is trainable (as Pyro's ELBOs)."""
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
         return float(loss.detach())
 
     def __repr__(self):
@@ -173,18 +190,19 @@ class DReG(ImportanceWeightedELBO):
 
     name = "dreg"
 
-    def surrogate(self, model, guide, x, **context):
-        guide_trace = self._guide_trace(guide, x, **context)
-        buffers = {name: _weight_buffer(site, self.num_particles, x.shape[0])
+    def surrogate(self, model, guide, args, kwargs):
+        plates = self._plates(model, guide, args, kwargs)
+        guide_trace = self._guide_trace(guide, args, kwargs, plates)
+        buffers = {name: _weight_buffer(site)
                    for name, site in _latent_sites(guide_trace) if site["value"].requires_grad}
-        model_trace, scaled = _replay(model, guide_trace, x, self.num_particles, self.max_plate_nesting,
-                                      lambda name, v: ScaleGrad.apply(v, buffers[name]) if name in buffers else v,
-                                      **context)
-        lw = self._log_weights(model_trace, scaled, x, detach_guide_params=True)
+        model_trace, scaled = _replay(model, guide_trace, args, kwargs, self.num_particles, plates,
+                                      lambda name, v: ScaleGrad.apply(v, buffers[name]) if name in buffers else v)
+        weights = importance_log_weights(model_trace, scaled, detach_guide_params=True)
+        lw = weights.log_w
         w = torch.softmax(lw.detach(), 0)
-        for buffer in buffers.values():
-            buffer.copy_(w.reshape(buffer.shape))
-        return _log_mean_exp(lw.detach()), (w * lw).sum(0)
+        for name, buffer in buffers.items():
+            buffer.copy_(_weights_like(w, buffer, guide_trace.nodes[name]["fn"].event_dim, weights))
+        return _log_mean_exp(lw.detach()), (w * lw).sum(0), weights.scale
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -201,13 +219,20 @@ class ScaleGrad(torch.autograd.Function):
         return grad * ctx.weight, None
 
 
-def _weight_buffer(site, k: int, b: int) -> torch.Tensor:
-    """An empty (K, 1.., B, 1..) tensor that broadcasts (K, B) weights over a site's value
-    (particles first, data last among its batch dims, then its event dims)."""
-    event_dim = site["fn"].event_dim
-    batch_dims = site["value"].dim() - event_dim
-    shape = (k,) + (1,) * (batch_dims - 2) + (b,) + (1,) * event_dim
-    return site["value"].new_empty(shape)
+def _weight_buffer(site) -> torch.Tensor:
+    """An empty tensor of a site's batch shape, ones for its event dims: DReG's weights per
+    particle and data point, broadcast over the site's value."""
+    value, event_dim = site["value"], site["fn"].event_dim
+    return value.new_empty(value.shape[:value.dim() - event_dim] + (1,) * event_dim)
+
+
+def _weights_like(w: torch.Tensor, buffer: torch.Tensor, event_dim: int, weights: ImportanceWeights) -> torch.Tensor:
+    """(K, B) weights placed at the particle and data dims of ``buffer`` and broadcast to it."""
+    shape = [1] * buffer.dim()
+    shape[weights.particle_dim - event_dim] = w.shape[0]
+    if weights.data_dim is not None:
+        shape[weights.data_dim - event_dim] = w.shape[1]
+    return w.reshape(shape).expand(buffer.shape)
 
 
 class MIWAE(ImportanceWeightedELBO):
@@ -216,7 +241,7 @@ class MIWAE(ImportanceWeightedELBO):
 
     name = "miwae"
 
-    def __init__(self, M: int = 1, K: int = 1, max_plate_nesting: int = 1):
+    def __init__(self, M: int = 1, K: int = 1, max_plate_nesting: float = float("inf")):
         self.M, self.K = _check_positive_int("M", M), _check_positive_int("K", K)
         super().__init__(M * K, max_plate_nesting)
 
@@ -233,7 +258,7 @@ class CIWAE(ImportanceWeightedELBO):
 
     name = "ciwae"
 
-    def __init__(self, beta: float = 0.5, K: int = 1, max_plate_nesting: int = 1):
+    def __init__(self, beta: float = 0.5, K: int = 1, max_plate_nesting: float = float("inf")):
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"ciwae's beta mixes ELBO and IWAE and must lie in [0, 1], got {beta}")
         self.beta = float(beta)
@@ -257,16 +282,16 @@ class PIWAE(MIWAE):
 
     name = "piwae"
 
-    def surrogate(self, model, guide, x, **context):
-        guide_trace = self._guide_trace(guide, x, **context)
-        model_trace, _ = _replay(model, guide_trace, x, self.num_particles,
-                                 self.max_plate_nesting, lambda name, v: v, **context)
-        lw = self._log_weights(model_trace, guide_trace, x)
-        stopped_trace, stopped = _replay(model, guide_trace, x, self.num_particles,
-                                         self.max_plate_nesting, lambda name, v: v.detach(), **context)
-        lw_theta = self._log_weights(stopped_trace, stopped, x, detach_guide_params=True)
+    def surrogate(self, model, guide, args, kwargs):
+        plates = self._plates(model, guide, args, kwargs)
+        guide_trace = self._guide_trace(guide, args, kwargs, plates)
+        model_trace, _ = _replay(model, guide_trace, args, kwargs, self.num_particles, plates, lambda name, v: v)
+        weights = importance_log_weights(model_trace, guide_trace)
+        stopped_trace, stopped = _replay(model, guide_trace, args, kwargs, self.num_particles, plates,
+                                         lambda name, v: v.detach())
+        lw_theta = importance_log_weights(stopped_trace, stopped, detach_guide_params=True).log_w
         iwae = _log_mean_exp(lw_theta)
-        return iwae, self.bound(lw) + iwae - self.bound(lw_theta)
+        return iwae, self.bound(weights.log_w) + iwae - self.bound(lw_theta), weights.scale
 
 
 class Renyi(ImportanceWeightedELBO):
@@ -281,7 +306,7 @@ class Renyi(ImportanceWeightedELBO):
 
     name = "renyi"
 
-    def __init__(self, alpha: float = 0.0, K: int = 1, max_plate_nesting: int = 1):
+    def __init__(self, alpha: float = 0.0, K: int = 1, max_plate_nesting: float = float("inf")):
         self.alpha = float(alpha)
         super().__init__(K, max_plate_nesting)
 
