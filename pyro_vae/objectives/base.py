@@ -3,6 +3,7 @@ check, vectorized importance log-weights, and the ``Objective`` module the train
 
 from __future__ import annotations
 
+import warnings
 from itertools import zip_longest
 from typing import NamedTuple
 
@@ -189,9 +190,38 @@ def detach_distribution(d):
         return detach(d)
 
 
-def pair_traces(model, guide, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int):
+VECTORIZED, REPEATED = "vectorized", "repeated"  # how K particles are laid out (particle_layout)
+
+
+def repeat_rows(args: tuple, kwargs: dict, k: int) -> tuple[tuple, dict]:
+    """Every tensor argument whose first dim is the batch's (that of the first tensor argument,
+    x) repeated k times along it: row ``j * B + i`` is data point i's j-th particle."""
+    tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim() > 0]
+    if k == 1 or not tensors:
+        return args, kwargs
+    b = tensors[0].shape[0]
+
+    def rep(a):
+        return a.repeat(k, *([1] * (a.dim() - 1))) if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == b else a
+
+    return tuple(rep(a) for a in args), {key: rep(v) for key, v in kwargs.items()}
+
+
+def pair_traces(model, guide, args: tuple, kwargs: dict, num_particles: int, max_plate_nesting: int,
+                layout: str = VECTORIZED):
     """Trace ``guide(*args, **kwargs)`` with ``num_particles`` vectorized particles (the particle
-    plate at dim ``-(max_plate_nesting + 1)``) and replay the model on it."""
+    plate at dim ``-(max_plate_nesting + 1)``) and replay the model on it.
+
+    ``layout=REPEATED`` (for programs that do not broadcast over a particle dimension, see
+    ``particle_layout``): no particle plate; the batch and its context are repeated
+    ``num_particles`` times instead (``repeat_rows``), and ``importance_log_weights`` folds the
+    rows back into (K, B)."""
+    if layout == REPEATED:
+        args, kwargs = repeat_rows(args, kwargs, num_particles)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace.repeated_particles = guide_trace.repeated_particles = num_particles
+        return model_trace, guide_trace
     guide_trace = poutine.trace(vectorize(guide, num_particles, max_plate_nesting)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(
         poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=guide_trace)
@@ -199,9 +229,45 @@ def pair_traces(model, guide, args: tuple, kwargs: dict, num_particles: int, max
     return model_trace, guide_trace
 
 
-def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, **context):
+def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, layout: str = VECTORIZED,
+           **context):
     """``pair_traces`` for programs called as ``model(x, **context)``."""
-    return pair_traces(model, guide, (x,), context, num_particles, max_plate_nesting)
+    return pair_traces(model, guide, (x,), context, num_particles, max_plate_nesting, layout)
+
+
+_SAID: set = set()
+
+
+def particle_layout(model, guide, args: tuple, kwargs: dict, max_plate_nesting: int) -> str:
+    """VECTORIZED when the programs broadcast over a particle dimension (one trace with two
+    vectorized particles works), else REPEATED: K particles as K copies of the batch. Programs
+    written for one particle often do not broadcast (``torch.cat([z, one_hot(y)], -1)`` meets a
+    (K, B, D) z and a (B, C) label); repeating the batch gives the same numbers for more memory.
+    Said once per program. The probe leaves the random numbers and a ``--jit`` trace alone."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    tracing = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.validation_enabled(False):
+            try:
+                pair_traces(model, guide, args, kwargs, 2, max_plate_nesting)
+                return VECTORIZED
+            except (RuntimeError, ValueError, IndexError) as e:
+                vectorized_error = e
+            try:
+                pair_traces(model, guide, args, kwargs, 2, max_plate_nesting, REPEATED)
+            except Exception:  # noqa: BLE001 - the program fails either way: show the first error
+                raise vectorized_error from None
+    finally:
+        torch._C._set_tracing_state(tracing)
+    name = _name(model)
+    if name not in _SAID:
+        _SAID.add(name)
+        first = (str(vectorized_error).strip().splitlines() or [""])[0][:160]
+        warnings.warn(f"{name} does not broadcast over a particle dimension ({first}); its particles "
+                      f"are drawn by repeating the batch once per particle (the same estimates, more "
+                      f"memory per step)", stacklevel=2)
+    return REPEATED
 
 
 def _to_particle_data_shape(lp: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -297,7 +363,8 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
     """
     particle = next((f for t in (guide_trace, model_trace) for s in t.nodes.values() if s["type"] == "sample"
                      for f in s["cond_indep_stack"] if f.name == PARTICLE_PLATE), None)
-    if particle is None:
+    repeats = getattr(model_trace, "repeated_particles", None)
+    if particle is None and repeats is None:
         raise ValueError("importance weights need traces with vectorized particles (base.pair_traces)")
     for name, site in model_trace.nodes.items():
         if _is_latent(site) and name not in guide_trace.nodes:
@@ -309,6 +376,12 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
     latents = [s for t in (model_trace, guide_trace) for s in t.nodes.values() if _is_latent(s)]
     per_point = data is not None and all(data.name in _plates(s) for s in latents)
     scale = _observed_scale(model_trace) if per_point else 1.0
+    if particle is None:  # REPEATED layout: rows j * B + i; a singleton particle dim left of the data
+        if not per_point:
+            raise ValueError("the model has a latent outside the data plate and does not "
+                             "broadcast over particles: its particles cannot be drawn by repeating the batch. "
+                             "Make the program broadcast (e.g. expand labels to z's batch shape), or use K=1")
+        particle = _Frame(dim=data.dim - 1, size=1)
     shape = (particle.size, data.size if per_point else 1)
     data_dim = data.dim if per_point else None
 
@@ -320,8 +393,15 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
 
     model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
     guide_sites = [s for s in guide_trace.nodes.values() if _is_latent(s)]
-    return ImportanceWeights(total(model_trace, model_sites, False),
-                             total(guide_trace, guide_sites, detach_guide_params), scale, particle.dim, data_dim)
+    log_p, log_q = total(model_trace, model_sites, False), total(guide_trace, guide_sites, detach_guide_params)
+    if repeats is not None:
+        log_p, log_q = log_p.reshape(repeats, -1), log_q.reshape(repeats, -1)
+    return ImportanceWeights(log_p, log_q, scale, particle.dim, data_dim)
+
+
+class _Frame(NamedTuple):
+    dim: int
+    size: int
 
 
 def _divide(site_scale, scale):

@@ -35,10 +35,14 @@ from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.objectives.base import (
+    REPEATED,
+    VECTORIZED,
     ImportanceWeights,
     guess_max_plate_nesting,
     importance_log_weights,
     pair_traces,
+    particle_layout,
+    repeat_rows,
     vectorize,
 )
 
@@ -58,7 +62,7 @@ def _latent_sites(trace):
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
 
 
-def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn):
+def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn, layout=VECTORIZED):
     """Trace ``model`` replayed on ``guide_trace`` with each latent value replaced by
     ``value_fn(name, value)``; returns (model trace, the guide trace with the replaced values).
 
@@ -68,6 +72,11 @@ def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn):
     replaced = guide_trace.copy()
     for name, site in _latent_sites(guide_trace):
         replaced.nodes[name] = {**site, "value": value_fn(name, site["value"])}
+    if layout == REPEATED:
+        args, kwargs = repeat_rows(args, kwargs, num_particles)
+        model_trace = poutine.trace(poutine.replay(model, trace=replaced)).get_trace(*args, **kwargs)
+        model_trace.repeated_particles = replaced.repeated_particles = num_particles
+        return model_trace, replaced
     model_trace = poutine.trace(
         poutine.replay(vectorize(model, num_particles, plates), trace=replaced)
     ).get_trace(*args, **kwargs)
@@ -95,6 +104,7 @@ class ImportanceWeightedELBO(ELBO):
     def __init__(self, K: int = 1, max_plate_nesting: float = float("inf")):
         super().__init__(num_particles=_check_positive_int("K", K), vectorize_particles=True)
         self.max_plate_nesting = max_plate_nesting + 1  # the particle plate included, for every K
+        self.layout = None  # VECTORIZED or REPEATED, decided at the first call (particle_layout)
 
     # -- the math ----------------------------------------------------------------------------
     def bound(self, lw: torch.Tensor) -> torch.Tensor:
@@ -112,13 +122,21 @@ class ImportanceWeightedELBO(ELBO):
 
     # -- helpers -----------------------------------------------------------------------------
     def _plates(self, model, guide, args, kwargs) -> int:
-        """The programs' plate nesting (the particle plate left out), guessed once if not given."""
+        """The programs' plate nesting (the particle plate left out), guessed once if not given;
+        and, once, how the particles are laid out (``particle_layout``)."""
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs) + 1
+        if self.layout is None:
+            self.layout = particle_layout(model, guide, args, kwargs, self.max_plate_nesting - 1)
         return self.max_plate_nesting - 1
 
     def _guide_trace(self, guide, args, kwargs, plates):
-        trace = poutine.trace(vectorize(guide, self.num_particles, plates)).get_trace(*args, **kwargs)
+        if self.layout == REPEATED:
+            rep_args, rep_kwargs = repeat_rows(args, kwargs, self.num_particles)
+            trace = poutine.trace(guide).get_trace(*rep_args, **rep_kwargs)
+            trace.repeated_particles = self.num_particles
+        else:
+            trace = poutine.trace(vectorize(guide, self.num_particles, plates)).get_trace(*args, **kwargs)
         self._check_reparameterized(trace)
         return trace
 
@@ -136,7 +154,7 @@ class ImportanceWeightedELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs):
         """(model trace, guide trace) with K vectorized particles, as Pyro's ELBOs give."""
         plates = self._plates(model, guide, args, kwargs)
-        return pair_traces(model, guide, args, kwargs, self.num_particles, plates)
+        return pair_traces(model, guide, args, kwargs, self.num_particles, plates, self.layout)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """-scale * sum_b bound_b: the negative bound summed over the batch (times the
@@ -196,7 +214,8 @@ class DReG(ImportanceWeightedELBO):
         buffers = {name: _weight_buffer(site)
                    for name, site in _latent_sites(guide_trace) if site["value"].requires_grad}
         model_trace, scaled = _replay(model, guide_trace, args, kwargs, self.num_particles, plates,
-                                      lambda name, v: ScaleGrad.apply(v, buffers[name]) if name in buffers else v)
+                                      lambda name, v: ScaleGrad.apply(v, buffers[name]) if name in buffers else v,
+                                      self.layout)
         weights = importance_log_weights(model_trace, scaled, detach_guide_params=True)
         lw = weights.log_w
         w = torch.softmax(lw.detach(), 0)
@@ -227,8 +246,12 @@ def _weight_buffer(site) -> torch.Tensor:
 
 
 def _weights_like(w: torch.Tensor, buffer: torch.Tensor, event_dim: int, weights: ImportanceWeights) -> torch.Tensor:
-    """(K, B) weights placed at the particle and data dims of ``buffer`` and broadcast to it."""
+    """(K, B) weights placed at the particle and data dims of ``buffer`` and broadcast to it
+    (in the REPEATED layout the data dim holds the K * B rows, particle-major)."""
     shape = [1] * buffer.dim()
+    if weights.data_dim is not None and buffer.shape[weights.data_dim - event_dim] == w.numel() != w.shape[1]:
+        shape[weights.data_dim - event_dim] = w.numel()
+        return w.reshape(shape).expand(buffer.shape)
     shape[weights.particle_dim - event_dim] = w.shape[0]
     if weights.data_dim is not None:
         shape[weights.data_dim - event_dim] = w.shape[1]
@@ -285,10 +308,11 @@ class PIWAE(MIWAE):
     def surrogate(self, model, guide, args, kwargs):
         plates = self._plates(model, guide, args, kwargs)
         guide_trace = self._guide_trace(guide, args, kwargs, plates)
-        model_trace, _ = _replay(model, guide_trace, args, kwargs, self.num_particles, plates, lambda name, v: v)
+        model_trace, _ = _replay(model, guide_trace, args, kwargs, self.num_particles, plates, lambda name, v: v,
+                                 self.layout)
         weights = importance_log_weights(model_trace, guide_trace)
         stopped_trace, stopped = _replay(model, guide_trace, args, kwargs, self.num_particles, plates,
-                                         lambda name, v: v.detach())
+                                         lambda name, v: v.detach(), self.layout)
         lw_theta = importance_log_weights(stopped_trace, stopped, detach_guide_params=True).log_w
         iwae = _log_mean_exp(lw_theta)
         return iwae, self.bound(weights.log_w) + iwae - self.bound(lw_theta), weights.scale
