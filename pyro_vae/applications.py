@@ -138,7 +138,7 @@ class Codes:
         (``what`` names the task, which refuses discrete sites)."""
         if what and self.discrete:
             raise ValueError(f"{what} moves a continuous code, and latent site {self.discrete[0]!r} is "
-                             f"discrete (a class has no values in between): use a model with continuous latents")
+                             f"discrete (a class has no values in between): pass it as context (labels y) or use continuous latents")
         return torch.cat([v.reshape(len(v), -1).float() for v in self.values.values()], -1)
 
     def unflat(self, z: torch.Tensor) -> dict:

@@ -87,6 +87,8 @@ def save_pairs(path: str | Path, data: torch.Tensor, layers: dict, dims: int = 4
         ax.set_ylabel(f"feature {pair[1]}")
         ax.grid(alpha=0.3)
     panels[0][0].legend(fontsize=7, markerscale=2)
+    if data.shape[-1] > d:
+        title = f"{title or ''} (features 0-{d - 1} of {data.shape[-1]})".strip()
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

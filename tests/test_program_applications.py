@@ -16,8 +16,8 @@ from torch import nn
 from pyro_vae import cli
 from pyro_vae.applications import (
     decode_mean,
-    impute,
     imputation_error,
+    impute,
     interpolate,
     latent_codes,
     missing_mask,
@@ -102,10 +102,10 @@ def test_pyro_example_reconstructions_and_codes_come_from_traces(trained):
     assert torch.allclose(recon, by_hand(vae, x), atol=1e-6)
     # trained: the reconstructions explain the test digits far better than the mean image does
     bce = lambda p: float(nn.functional.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6).expand_as(x), x))  # noqa: E731
-    assert bce(recon) < 0.75 * bce(data.train.mean(0, keepdim=True))
+    assert bce(recon) < 0.75 * bce(data.train.mean(0, keepdim=True))  # measured 0.155 against 0.253
     # a draw z ~ q(z|x) replayed through the model (Pyro's reconstruct_img) stays near the mean one
     drawn = reconstruct(vae.model, vae.guide, x, draw=True)
-    assert drawn.shape == (50, 784) and not torch.allclose(drawn, recon) and bce(drawn) < 1.2 * bce(recon)
+    assert drawn.shape == (50, 784) and not torch.allclose(drawn, recon) and bce(drawn) < 1.2 * bce(recon)  # measured 0.159
     z = torch.randn(5, 10)
     assert torch.allclose(decode_mean(vae.model, {"latent": z}, x[:5]), vae.decoder(z).detach(), atol=1e-6)
 
@@ -140,15 +140,18 @@ def test_pyro_example_interpolations_and_traversals_decode_the_codes(trained):
     assert most_active_dims(vae.model, vae.guide, data.test[:200], 3) == variances.argsort(descending=True)[:3].tolist()
 
 
-def test_pyro_example_imputes_the_bottom_half_better_than_the_training_mean(trained):
+def test_pyro_example_imputes_better_than_the_training_mean(trained):
     vae, data = trained
     x = data.test[:40]
-    observed = ~missing_mask(len(x), 784, (1, 28, 28), "bottom-half")
-    r = impute(vae.model, vae.guide, x, observed, num_steps=60, burn_in=20)
-    baseline = imputation_error(x, torch.where(observed, x, data.train.mean(0)), observed)
-    error = imputation_error(x, r["mean"], observed)
-    assert torch.equal(r["mean"][observed], x[observed]) and 0 < r["acceptance"] <= 1
-    assert error < 0.95 * baseline  # measured: see the report
+    ratios = {}
+    for pattern, shape in (("bottom-half", (1, 28, 28)), ("random", None)):
+        observed = ~missing_mask(len(x), 784, shape, pattern, fraction=0.5)
+        r = impute(vae.model, vae.guide, x, observed, num_steps=60, burn_in=20)
+        assert torch.equal(r["mean"][observed], x[observed]) and 0 < r["acceptance"] <= 1
+        baseline = imputation_error(x, torch.where(observed, x, data.train.mean(0)), observed)
+        ratios[pattern] = imputation_error(x, r["mean"], observed) / baseline
+    # measured RMSE 0.275 against 0.295 (bottom half) and 0.258 against 0.303 (half the pixels at random)
+    assert ratios["bottom-half"] < 0.97 and ratios["random"] < 0.9
 
 
 def test_the_trace_path_gives_the_built_in_fast_path_numbers():
