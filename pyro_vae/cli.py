@@ -184,82 +184,134 @@ def format_eval_table(r: dict) -> str:
 
 
 def _loaded(args):
+    """(config, model, guide, device) of the run a command reads."""
     from pyro_vae.applications import open_run
 
     return open_run(args.run, args.device, args.seed, args.best)
 
 
-def cmd_sample(args) -> int:
-    from pyro_vae.plots import save_image_grid
+def _test_data(config, device, n=None):
+    """The run's test data: the first n points for images, all of them otherwise (the grey
+    background of the scatter plots; callers take the first n)."""
+    from pyro_vae.data import load_run_data
 
-    config, model, _ = _loaded(args)
-    conditional = "y" in getattr(model, "context_keys", ())
+    return load_run_data(config, device, test_size=n if config.image_shape else None)
+
+
+def _written(*paths) -> None:
+    print(" ".join(str(p) for p in paths))
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from pyro_vae.applications import is_image, prior_samples, run_context, save_arrays
+    from pyro_vae.plots import save_image_grid, save_pairs
+
+    config, model, guide, device = _loaded(args)
+    from pyro_vae.programs import context_keys
+
+    conditional = "y" in context_keys(model, guide)
     if args.label is not None and not conditional:
         raise ValueError(f"--label needs a class-conditional model (cvae, ssvae); this run's model is {config.model!r}")
     if conditional and args.label is not None and not 0 <= args.label < (config.num_classes or 0):
         raise ValueError(f"--label {args.label} is not a class of this run: choose 0..{(config.num_classes or 1) - 1}")
-    default = Path(args.run) / "figures" / ("samples.png" if args.label is None else f"samples-label{args.label}.png")
-    out = Path(args.out or default)
-    x = model.sample(args.n, y=args.label) if conditional else model.sample(args.n)
+    data = _test_data(config, device, 1)
+    run_context(model, guide, data)  # a context other than labels is refused here, by name
+    context = {}
+    if conditional:
+        y = torch.arange(args.n, device=device) % (config.num_classes or 1) if args.label is None else \
+            torch.full((args.n,), args.label, device=device)
+        context = {"y": y}
+    stem = "samples" if args.label is None else f"samples-label{args.label}"
+    out = Path(args.out or Path(args.run) / "figures" / f"{stem}.png")
+    x = prior_samples(model, args.n, data.test, **context)
     what = f"class {args.label}" if args.label is not None else ("classes 0, 1, ... by column" if conditional else "the prior")
-    save_image_grid(x, out, config.image_shape, title=f"{args.n} samples from {what}")
-    print(out)
+    if is_image(config, x.shape[-1]):
+        save_image_grid(x, out, config.image_shape, title=f"{args.n} samples from {what}")
+        _written(out)
+    else:
+        arrays = save_arrays(Path(args.run) / f"{stem}.npy", x)
+        save_pairs(out, data.test, {"E[x | z], z ~ p(z)": x}, title=f"{args.n} samples from {what} (colour), test points (grey)")
+        _written(out, arrays)
     return 0
 
 
-def _test_data(config, model, n=None):
-    from pyro_vae.data import load_run_data
-
-    return load_run_data(config, next(model.parameters()).device, test_size=n)
-
-
 def cmd_reconstruct(args) -> int:
-    from pyro_vae.applications import encode
-    from pyro_vae.plots import save_reconstructions
+    from pyro_vae.applications import is_image, reconstruct, run_context, save_arrays
+    from pyro_vae.plots import save_pairs, save_reconstructions
 
-    config, model, guide = _loaded(args)
-    x = _test_data(config, model, args.n).test
-    recon = model.decode(encode(guide, x)).mean
+    config, model, guide, device = _loaded(args)
+    data = _test_data(config, device, args.n)
+    x = data.test[: args.n]
+    context = run_context(model, guide, data, rows=slice(0, args.n))
+    recon = reconstruct(model, guide, x, **context)
     out = Path(args.out or Path(args.run) / "figures" / "reconstructions.png")
-    save_reconstructions(x, recon, out, config.image_shape)
-    print(out)
+    if is_image(config, x.shape[-1]):
+        save_reconstructions(x, recon, out, config.image_shape)
+        _written(out)
+    else:
+        arrays = save_arrays(Path(args.run) / "reconstructions.npy", recon)
+        save_pairs(out, x, {"E[x' | z = E_q[z|x]]": recon},
+                   title=f"{len(x)} test points (grey) and their reconstructions (colour)")
+        _written(out, arrays)
     return 0
 
 
 def cmd_interpolate(args) -> int:
     import torch
 
-    from pyro_vae.applications import interpolate
-    from pyro_vae.plots import save_image_grid
+    from pyro_vae.applications import interpolate, is_image, run_context, save_arrays
+    from pyro_vae.plots import save_image_grid, save_pairs
 
-    config, model, guide = _loaded(args)
-    x = _test_data(config, model, 2 * args.pairs).test
+    config, model, guide, device = _loaded(args)
+    data = _test_data(config, device, 2 * args.pairs)
+    x = data.test[: 2 * args.pairs]
     if len(x) < 2:
         raise ValueError("interpolation needs at least two test points")
-    x_a, x_b = x[0::2][: len(x) // 2], x[1::2][: len(x) // 2]
-    path = interpolate(model, guide, x_a, x_b, args.steps, args.method)
-    rows = torch.cat([x_a[:, None], path, x_b[:, None]], 1).reshape(-1, x.shape[-1])
+    half = len(x) // 2
+    a, b = torch.arange(0, 2 * half, 2, device=x.device), torch.arange(1, 2 * half, 2, device=x.device)
+    path = interpolate(model, guide, x[a], x[b], args.steps, args.method,
+                       context_b=run_context(model, guide, data, rows=b), **run_context(model, guide, data, rows=a))
     out = Path(args.out or Path(args.run) / "figures" / "interpolations.png")
-    save_image_grid(rows, out, config.image_shape, nrow=args.steps + 2,
-                    title=f"test pairs (first and last column) and the decoded {args.method} path between their codes")
-    print(out)
+    if is_image(config, x.shape[-1]):
+        rows = torch.cat([x[a][:, None], path, x[b][:, None]], 1).reshape(-1, x.shape[-1])
+        save_image_grid(rows, out, config.image_shape, nrow=args.steps + 2,
+                        title=f"test pairs (first and last column) and the decoded {args.method} path between their codes")
+        _written(out)
+    else:
+        arrays = save_arrays(Path(args.run) / "interpolations.npy", path)
+        save_pairs(out, data.test, {f"decoded {args.method} paths": path, "end points": torch.cat([x[a], x[b]])},
+                   title=f"{half} paths between the codes of test pairs (colour), test points (grey)")
+        _written(out, arrays)
     return 0
 
 
 def cmd_traverse(args) -> int:
-    from pyro_vae.applications import most_active_dims, traverse
-    from pyro_vae.plots import save_image_grid
+    from pyro_vae.applications import is_image, most_active_dims, run_context, save_arrays, traverse
+    from pyro_vae.plots import save_image_grid, save_pairs
 
-    config, model, guide = _loaded(args)
-    x = _test_data(config, model, max(1000, args.index + 1)).test
+    config, model, guide, device = _loaded(args)
+    data = _test_data(config, device, max(1000, args.index + 1))
+    x = data.test
     if not 0 <= args.index < len(x):
         raise ValueError(f"--index {args.index} is not a test point: the test set has {len(x)}")
-    dims = args.dims if args.dims else most_active_dims(guide, x, args.num_dims)
-    grid = traverse(model, guide, x[args.index : args.index + 1], dims, args.span, args.steps)[0]
+    first = slice(0, 1000)
+    dims = args.dims if args.dims else most_active_dims(model, guide, x[first], args.num_dims,
+                                                        **run_context(model, guide, data, rows=first))
+    row = slice(args.index, args.index + 1)
+    grid = traverse(model, guide, x[row], dims, args.span, args.steps, **run_context(model, guide, data, rows=row))[0]
     out = Path(args.out or Path(args.run) / "figures" / "traversals.png")
-    save_image_grid(grid.reshape(-1, x.shape[-1]), out, config.image_shape, nrow=args.steps,
-                    title=f"test point {args.index}: latent dims {dims} (rows) from -{args.span:g} to {args.span:g}")
-    print(f"{out} (rows: dimensions {' '.join(map(str, dims))})")
+    if is_image(config, x.shape[-1]):
+        save_image_grid(grid.reshape(-1, x.shape[-1]), out, config.image_shape, nrow=args.steps,
+                        title=f"test point {args.index}: latent dims {dims} (rows) from -{args.span:g} to {args.span:g}")
+        _written(f"{out} (rows: dimensions {' '.join(map(str, dims))})")
+    else:
+        arrays = save_arrays(Path(args.run) / "traversals.npy", grid)
+        layers = {f"latent dim {d}": grid[i : i + 1] for i, d in enumerate(dims)}
+        save_pairs(out, x, {**layers, f"test point {args.index}": x[row]},
+                   title=f"test point {args.index}: each latent dim from -{args.span:g} to {args.span:g} (colour)")
+        _written(out, f"{arrays} (dims, steps, features; dims {' '.join(map(str, dims))})")
     return 0
 
 
@@ -391,21 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--export-points", type=int, nargs="*", default=[0, 1, 2, 3],
                    help="test points whose draws z and log weights go to RUN/posterior.nc (ArviZ)")
     e.add_argument("--quiet", action="store_true")
-    s = run_parser("sample", "a grid PNG of samples drawn from the prior", cmd_sample)
+    s = run_parser("sample", "samples drawn from the prior: a grid PNG for images; RUN/samples.npy and a scatter "
+                   "plot of pairs of features otherwise", cmd_sample)
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--label", type=int, help="the class to draw, for class-conditional models (cvae, ssvae)")
     s.add_argument("--out", help="PNG path (default RUN/figures/samples.png)")
-    r = run_parser("reconstruct", "test images beside their reconstructions, as a PNG", cmd_reconstruct)
+    r = run_parser("reconstruct", "test points beside their reconstructions E[x | z = E_q[z|x]]: a PNG grid for "
+                   "images; RUN/reconstructions.npy and a scatter plot otherwise", cmd_reconstruct)
     r.add_argument("--n", type=int, default=32)
     r.add_argument("--out", help="PNG path (default RUN/figures/reconstructions.png)")
-    i = run_parser("interpolate", "decoded paths between the codes of pairs of test points, as a PNG", cmd_interpolate)
+    i = run_parser("interpolate", "decoded paths between the codes of pairs of test points: a PNG (and "
+                   "RUN/interpolations.npy where the features are not an image)", cmd_interpolate)
     i.add_argument("--pairs", type=int, default=8)
     i.add_argument("--steps", type=int, default=10, help="points on each path, its ends included")
     i.add_argument("--method", choices=["slerp", "linear"], default="slerp",
                    help="spherical (White 2016; the default) or straight-line interpolation")
     i.add_argument("--out", help="PNG path (default RUN/figures/interpolations.png)")
-    v = run_parser("traverse", "latent traversals: one test point's code, one dimension varied per row, as a PNG",
-                   cmd_traverse)
+    v = run_parser("traverse", "latent traversals: one test point's code, one dimension varied per row: a PNG "
+                   "(and RUN/traversals.npy where the features are not an image)", cmd_traverse)
     v.add_argument("--index", type=int, default=0, help="the test point")
     v.add_argument("--dims", type=int, nargs="+", help="latent dimensions (default: the --num-dims most active)")
     v.add_argument("--num-dims", type=int, default=8)

@@ -1,5 +1,6 @@
-"""Figures written as PNG files: image grids, reconstructions, training curves, evaluation
-diagnostics (KL per latent dimension, Pareto k-hat)."""
+"""Figures written as PNG files: image grids, reconstructions, scatter plots of pairs of features
+(for data that are not images), training curves, evaluation diagnostics (KL per latent
+dimension, Pareto k-hat)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,55 @@ def save_reconstructions(x: torch.Tensor, recon: torch.Tensor, path: str | Path,
         pairs += [x[i : i + nrow], recon[i : i + nrow]]
     return save_image_grid(torch.cat(pairs), path, image_shape, nrow,
                            title="originals (odd rows) and reconstructions (even rows)")
+
+
+PAIR_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
+
+
+def save_pairs(path: str | Path, data: torch.Tensor, layers: dict, dims: int = 4, title: str | None = None,
+               max_points: int = 2000) -> Path:
+    """Scatter plots of pairs of the first ``dims`` features, for data that are not images: one
+    panel for 2 features, a pair grid (feature i against feature j, i < j) for more, feature 0
+    against its index for 1. ``data`` (N, D) in grey; each of ``layers`` ({label: points (M, D),
+    or paths (rows, steps, D), drawn as lines}) in colour. At most ``max_points`` grey points."""
+    data = data.detach().float().cpu().reshape(len(data), -1)[:max_points]
+    d = min(dims, data.shape[-1])
+    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)] if d > 1 else [(None, 0)]
+    if len(pairs) == 1:
+        fig, axes = plt.subplots(1, 1, figsize=(5, 4.6), squeeze=False)
+        panels = [(axes[0, 0], pairs[0])]
+    else:
+        fig, axes = plt.subplots(d - 1, d - 1, figsize=(3 * (d - 1), 3 * (d - 1)), squeeze=False)
+        panels = []
+        for r in range(d - 1):
+            for c in range(d - 1):
+                if c > r:
+                    axes[r, c].axis("off")
+                else:
+                    panels.append((axes[r, c], (c, r + 1)))
+
+    def coords(t, pair):
+        i, j = pair
+        return (torch.arange(t.shape[-2]).expand(t.shape[:-1]) if i is None else t[..., i]), t[..., j]
+
+    for ax, pair in panels:
+        ax.scatter(*coords(data, pair), s=4, c="0.7", label="data", rasterized=True)
+        for (label, t), colour in zip(layers.items(), PAIR_COLOURS * 4):
+            t = t.detach().float().cpu()
+            if t.dim() == 3:  # paths: one line per row
+                for k, row in enumerate(t):
+                    ax.plot(*coords(row, pair), "-o", ms=2.5, lw=1, color=colour, label=label if k == 0 else None)
+            else:
+                ax.scatter(*coords(t.reshape(len(t), -1), pair), s=8, color=colour, label=label)
+        ax.set_xlabel("row" if pair[0] is None else f"feature {pair[0]}")
+        ax.set_ylabel(f"feature {pair[1]}")
+        ax.grid(alpha=0.3)
+    panels[0][0].legend(fontsize=7, markerscale=2)
+    if data.shape[-1] > d:
+        title = f"{title or ''} (features 0-{d - 1} of {data.shape[-1]})".strip()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
 
 
 def save_training_curve(metrics: list[dict], path: str | Path) -> Path:

@@ -114,8 +114,11 @@ def test_interpolation_ends_at_the_reconstructions_and_traversal_moves_one_dimen
     # the decoder mean is W z + b: stepping dimension d by 1 moves it by the column W[:, d]
     assert torch.allclose(grid[:, 0, 1:] - grid[:, 0, :-1], model.weight[:, 1].expand(2, 4, 6), atol=1e-5)
     assert torch.allclose(grid[:, 1, 1:] - grid[:, 1, :-1], model.weight[:, 0].expand(2, 4, 6), atol=1e-5)
-    with pytest.raises(ValueError, match="one latent site"):
-        impute(HierarchicalVAE(), HierarchicalGuide(), torch.zeros(2, 784), torch.ones(784, dtype=torch.bool))
+    # two latent layers (no decode/prior fast path for p(z2) p(z1|z2)) impute from traces
+    x2, half = (torch.rand(2, 784) < 0.3).float(), torch.arange(784) < 392
+    r = impute(HierarchicalVAE(), HierarchicalGuide(), x2, half, num_steps=4, burn_in=1)
+    assert r["mean"].shape == (2, 784) and torch.equal(r["mean"][:, half], x2[:, half])
+    assert ((r["mean"][:, ~half] > 0) & (r["mean"][:, ~half] < 1)).all() and 0 <= r["acceptance"] <= 1
     with pytest.raises(ValueError, match="do not exist"):
         traverse(model, guide, x[:1], dims=[2])
     with pytest.raises(ValueError, match="unknown interpolation method"):
