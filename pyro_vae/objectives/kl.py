@@ -62,11 +62,14 @@ def _unexpand(d):
 
 
 def factors(d):
-    """The per-dimension factors of ``d`` (an ``Independent`` over one event dim), or None."""
+    """The elementwise factors of ``d`` (an ``Independent`` of a scalar distribution, its event
+    dims moved to batch dims), or None if it has none."""
     d = _unexpand(d)
-    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == len(d.event_shape) == 1:
-        return _unexpand(d.base_dist)
-    return None
+    if not isinstance(d, Independent):
+        return None
+    while isinstance(d, Independent):
+        d = _unexpand(d.base_dist)
+    return d if d.event_shape == () else None
 
 
 def closed_form_kl(q, p, per_dimension: bool = False) -> torch.Tensor | None:
@@ -97,8 +100,7 @@ def _why_not(name, model_trace, guide_trace, model_order, guide_index) -> str | 
     later = [t for t in model_order[: model_order.index(name)]
              if guide_index.get(t, len(guide_index)) > guide_index[name]]
     if later:
-        return (f"its prior may depend on {later[0]!r}, which the guide draws after it; draw "
-                f"{later[0]!r} first in the guide for the closed form")
+        return f"its prior may depend on {later[0]!r}, which the guide draws after it"
     model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
     if not (_same(model_site["mask"], guide_site["mask"])
             and _same(_unmask(model_site["fn"])[1], _unmask(guide_site["fn"])[1])):

@@ -58,14 +58,11 @@ def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tens
         split = per_dimension and qf is not None and pf is not None
         if kl is None:  # Monte Carlo, from the same particles
             kl = qf.log_prob(z) - pf.log_prob(z) if split else q.log_prob(z) - p.log_prob(z)
-        kl = scale_and_mask(kl, mask=_column_mask(q_site["mask"], split))
-        columns.append(kl if split else kl.expand(*batch, *kl.shape[len(batch):])
-                       .reshape(*batch, -1).sum(-1, keepdim=True))
+        kl = kl.expand(*batch, *kl.shape[len(batch):]).reshape(*batch, -1)
+        mask = q_site["mask"]
+        columns.append(scale_and_mask(kl if split else kl.sum(-1, keepdim=True),
+                                      mask=mask.unsqueeze(-1) if torch.is_tensor(mask) else mask))
     return torch.cat(columns, dim=-1)
-
-
-def _column_mask(mask, split: bool):
-    return mask.unsqueeze(-1) if torch.is_tensor(mask) and split else mask
 
 
 def check_reparameterized(guide_trace) -> None:
