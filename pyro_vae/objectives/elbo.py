@@ -13,6 +13,7 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer.util import torch_item
 
 from pyro_vae.objectives.kl import MONTE_CARLO, is_latent, kl_methods, site_kl, site_kls
 
@@ -92,6 +93,11 @@ class MeanFieldELBO(_SyncFreeLoss, TraceMeanField_ELBO):
                 elbo = elbo + model_trace.nodes[name]["log_prob_sum"]
             elbo = elbo - guide_site["log_prob_sum"]  # reparameterized: the entropy term
         return elbo
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        """(loss, surrogate loss) of one trace, for Pyro's ``loss`` and ``loss_and_grads`` (SVI)."""
+        elbo = self._surrogate_elbo(model_trace, guide_trace)
+        return -torch_item(elbo), -elbo
 
     @torch.no_grad()
     def kl_methods(self, model, guide, *args, **kwargs) -> dict[str, str]:
