@@ -35,8 +35,8 @@ from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from pyro_vae.objectives.base import PARTICLE_PLATE, site_log_prob, traces
-from pyro_vae.objectives.kl import site_kl, site_kls
 from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
+from pyro_vae.objectives.kl import site_kl, site_kls
 
 LN2 = math.log(2.0)
 PARTICLE_BLOCK = 128  # particles per seeded noise block; particle chunks are multiples of it

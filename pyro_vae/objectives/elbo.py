@@ -84,7 +84,7 @@ class MeanFieldELBO(_SyncFreeLoss, TraceMeanField_ELBO):
         for name, site in model_trace.nodes.items():  # likelihood, and latents the guide lacks
             if site["type"] == "sample" and name not in guide_trace.nodes:
                 elbo = elbo + site["log_prob_sum"]
-        for name, (method, kl) in site_kls(model_trace, guide_trace).items():
+        for name, (_, kl) in site_kls(model_trace, guide_trace).items():
             guide_site = guide_trace.nodes[name]
             if kl is not None:
                 elbo = elbo - site_kl(model_trace.nodes[name], guide_site, kl).sum()

@@ -39,7 +39,7 @@ def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tens
     valid, else log q(z) - log p(z) from the same particles (``kl_methods`` says which).
     """
     columns = []
-    for name, (method, kl) in site_kls(model_trace, guide_trace, per_dimension).items():
+    for name, (_, kl) in site_kls(model_trace, guide_trace, per_dimension).items():
         q_site = guide_trace.nodes[name]
         if name not in model_trace.nodes:
             raise KLNotAvailableError(f"guide site {name!r} has no prior in the model, so it has no "
