@@ -149,7 +149,8 @@ def site_kl(model_site, guide_site, kl: torch.Tensor) -> torch.Tensor:
     s_q E_q[log q] - s_p E_q[log p]."""
     term = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
     if not _same(model_site["scale"], guide_site["scale"]):
-        log_p = model_site["fn"].log_prob(model_site["value"])
-        term = term + scale_and_mask(log_p, guide_site["scale"], model_site["mask"]) \
-            - scale_and_mask(log_p, model_site["scale"], model_site["mask"])
+        log_p = model_site.get("unscaled_log_prob")  # computed already in the ELBO's traces
+        if log_p is None:
+            log_p = model_site["fn"].log_prob(model_site["value"])
+        term = term + scale_and_mask(log_p, guide_site["scale"] - model_site["scale"], model_site["mask"])
     return term
