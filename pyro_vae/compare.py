@@ -22,6 +22,7 @@ import torch
 from pyro_vae.config import TrainConfig
 from pyro_vae.objectives import make_estimator
 from pyro_vae.objectives.base import site_log_prob, traces
+from pyro_vae.objectives.kl import site_kl, site_kls
 
 
 def _as_estimator(estimator, particles=None):
@@ -72,23 +73,27 @@ def snr_against_k(model, guide, x, estimators=("iwae", "dreg"), ks=(1, 5, 50), r
 
 
 @torch.no_grad()
-def kl_estimate(model, guide, x, particles: int = 10, **context) -> float:
-    """Monte Carlo KL(q(z|x) || p(z)) per data point, E_q[log q(z|x) - log p(z)], over x."""
+@torch.no_grad()
+def kl_by_site(model, guide, x, particles: int = 10, **context) -> dict[str, tuple[float, str]]:
+    """Per latent site, (KL(q(z|x) || p(z)) per data point in nats, method): in closed form where
+    ``objectives.kl`` finds it valid, else E_q[log q - log p] from ``particles`` draws."""
     model_trace, guide_trace = traces(model, guide, x, particles, **context)
+    per_point = particles * x.shape[0]
+    out = {}
+    for name, (method, kl) in site_kls(model_trace, guide_trace).items():
+        q_site, p_site = guide_trace.nodes[name], model_trace.nodes.get(name)
+        if kl is not None:
+            total = site_kl(p_site, q_site, kl).sum()
+        else:
+            total = site_log_prob(q_site).sum() - (site_log_prob(p_site).sum() if p_site else 0.0)
+        out[name] = (float(total) / per_point, method)
+    return out
 
-    def latent_total(trace):
-        return sum(float(site_log_prob(s).sum()) for s in trace.nodes.values()
-                   if s["type"] == "sample" and not s["is_observed"] and s["name"] in guide_sites)
 
-    guide_sites = {n for n, s in guide_trace.nodes.items()
-                   if s["type"] == "sample" and not s["is_observed"] and not _is_plate(s)}
-    return (latent_total(guide_trace) - latent_total(model_trace)) / (particles * x.shape[0])
-
-
-def _is_plate(site) -> bool:
-    from pyro.poutine.util import site_is_subsample
-
-    return site_is_subsample(site)
+def kl_estimate(model, guide, x, particles: int = 10, **context) -> float:
+    """KL(q(z|x) || p(z)) per data point, summed over latent sites, averaged over x (closed form
+    per site where valid, Monte Carlo otherwise: ``kl_by_site`` says which)."""
+    return sum(kl for kl, _ in kl_by_site(model, guide, x, particles, **context).values())
 
 
 def _slug(spec: str) -> str:

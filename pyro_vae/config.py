@@ -52,7 +52,7 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)
     guide_options: dict = field(default_factory=dict)
     # objective
-    estimator: str = "elbo"
+    estimator: str = "meanfield"
     particles: int = 1
     beta: float = 1.0
     warmup_epochs: int = 0

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.objectives.base import PARTICLE_PLATE, site_log_prob, traces
 from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
+from pyro_vae.objectives.kl import site_kl, site_kls
 
 LN2 = math.log(2.0)
 PARTICLE_BLOCK = 128  # particles per seeded noise block; particle chunks are multiples of it
@@ -260,6 +261,7 @@ class _Chunk:
                            if s["type"] == "sample" and s["is_observed"])
         self.log_w = self.log_lik
         self.sites = {}
+        kls = site_kls(model_trace, guide_trace, per_dimension=True) if closed_form else {}
         for name, g in guide_trace.nodes.items():
             if g["type"] != "sample" or g["is_observed"] or site_is_subsample(g):
                 continue
@@ -277,19 +279,11 @@ class _Chunk:
                 log_q, log_p = site_log_prob(g), site_log_prob(m)
             total = _shape_kb(log_q - log_p, k, b)
             self.log_w = self.log_w - total
-            if closed_form and per_dim is not None:
-                try:
-                    kl = torch.distributions.kl_divergence(qf, pf)
-                    kl = kl.expand(torch.broadcast_shapes(kl.shape, v.shape))
-                    per_dim, method = _per_dim(kl, batch), "closed form"
-                    total = _shape_kb(kl.reshape(*kl.shape[:batch], -1).sum(-1), k, b)
-                except NotImplementedError:  # torch has no closed form for this pair:
-                    pass  # keep the Monte Carlo KL from the same particles (method says so)
+            method, kl = kls.get(name, (method, None))
+            if kl is not None:  # valid here (objectives/kl.py); else the Monte Carlo KL stays
+                total = _shape_kb(site_kl(m, g, kl.reshape(*kl.shape[:batch], -1).sum(-1)), k, b)
+                per_dim = _per_dim(kl, batch) if plain and kl.dim() > batch else None
             self.sites[name] = {"total": total, "per_dim": per_dim, "method": method, "value": v}
-
-
-def _sites_in_order(model) -> list[str] | None:
-    return list(getattr(model, "latent_sites", None) or []) or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +392,8 @@ def evaluate(model, guide, x, k: int = 1000, max_batch_particles: int = 100_000,
       ``test_bits_per_dim`` (= nll / (D ln 2), D the dimensions the model scores: ``model.scored_dims``
       where it sets one, such as the hidden pixels of ``cvae-quadrant``, else all); ``test_elbo`` (mean log w) and the ELBO split:
       ``distortion`` = -E_q log p(x|z), ``rate`` = KL(q(z|x) || p(z)) per site and per latent
-      dimension (closed form when the model has a single latent site and torch knows the KL;
-      Monte Carlo with the same particles otherwise; ``kl_method`` says which).
+      dimension (closed form per site where ``objectives.kl`` finds it valid; Monte Carlo with
+      the same particles otherwise; ``kl_method`` says which, with the reason).
     - ``pareto_k`` summary (PSIS, r_eff = 1 for independent draws) and ``share_khat_above_0.7``;
       ``ess`` of the raw weights (sum w)^2 / sum w^2 (Kish), mean and as a share of k.
 
@@ -418,8 +412,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
               data_chunk, particle_chunk, return_points, **context) -> dict:
     t0 = time.perf_counter()
     n = len(x)
-    sites = _sites_in_order(model)
-    closed_form = sites is not None and len(sites) == 1
+    closed_form = True  # per site where valid: objectives/kl.py decides
     if max_memory is not None:
         per_pair = bytes_per_pair(model, guide, x, k, seed, **context)
         pairs = max(1, int(parse_bytes(max_memory) / per_pair))

@@ -31,7 +31,7 @@ def test_layers_compute_in_bfloat16_and_hand_on_float32():
     assert not torch.is_autocast_enabled("cpu")  # the scope closed behind each layer
 
 
-@pytest.mark.parametrize("spec", ["elbo", "iwae:K=10"])
+@pytest.mark.parametrize("spec", ["elbo", "meanfield", "iwae:K=10"])
 def test_bf16_loss_is_float32_and_close_to_the_float32_loss(spec):
     model, guide = _pair()
     x = torch.bernoulli(torch.full((64, 784), 0.3))

@@ -39,12 +39,16 @@ def test_log_weights_shape_and_bound_order(pair):
     r = evaluate(model, guide, x, k=500, seed=0)
     assert r["test_elbo"] <= r["test_log_likelihood"]
     assert r1["test_log_likelihood"] < r["test_log_likelihood"]  # L_1 < L_500 here by a wide margin
-    # two sites, Monte Carlo KL (p(z1|z2) depends on z2, drawn after z1 by the guide)
-    assert r["kl_method"] == {"z1": "monte carlo", "z2": "monte carlo"}
+    # p(z2) has no parents: closed form; p(z1|z2) depends on z2, which the guide draws after
+    # z1: Monte Carlo from the weights' own particles
+    assert r["kl_method"] == {"z1": "monte carlo (its prior may depend on 'z2', which the guide "
+                                    "draws after it)", "z2": "closed form"}
     assert len(r["kl_per_dim"]["z1"]) == 100 and len(r["kl_per_dim"]["z2"]) == 50
-    # same particles: ELBO = -distortion - rate exactly (up to summation order)
-    assert r["test_elbo"] == pytest.approx(-r["distortion"] - r["rate"], abs=1e-3)
+    # ELBO = -distortion - rate up to z2's Monte Carlo noise over 6 x 500 draws (-397.927 vs
+    # -397.941 here; exactly equal when z2's KL was Monte Carlo too)
+    assert r["test_elbo"] == pytest.approx(-r["distortion"] - r["rate"], abs=0.05)
     assert sum(r["kl_per_dim"]["z1"]) == pytest.approx(r["kl_per_site"]["z1"], rel=1e-4)
+    assert sum(r["kl_per_dim"]["z2"]) == pytest.approx(r["kl_per_site"]["z2"], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", [n for n in ("elbo", "meanfield", "iwae", "stl", "dreg", "miwae",

@@ -42,7 +42,8 @@ def elbo(**opts):
 
 @ESTIMATORS.register("meanfield")
 def meanfield(**opts):
-    """TraceMeanField_ELBO: E_q[log p(x|z)] - KL(q || p) with the KL in closed form."""
+    """The ELBO with each site's KL(q || p) in closed form where valid (objectives/kl.py), else
+    Monte Carlo; the default estimator (``MeanFieldELBO.kl_methods`` says which site got which)."""
     return _pyro_elbo(MeanFieldELBO, **opts)
 
 

@@ -8,8 +8,9 @@ Both split the ELBO into E_q[log p(x|z)] - KL(q(z|x) || p(z)) and replace the KL
   loss = -E_q[log p(x|z)] + beta * sum_j max(lambda, E_x[KL_j]), KL_j the KL of latent
   dimension j averaged over the batch, so the KL term never pushes a dimension below lambda.
 
-The KL is in closed form where torch knows it (as in TraceMeanField_ELBO), else a Monte Carlo
-estimate log q(z) - log p(z) from the same particles. Per-dimension KLs (free bits) need prior
+Each site's KL is in closed form where ``objectives.kl`` finds it valid (torch knows it and the
+prior depends only on latents the guide drew before the site), else the Monte Carlo estimate
+log q(z) - log p(z) from the same particles. Per-dimension KLs (free bits) need prior
 and guide that factorize over dimensions (``Independent``). The ELBO split exists only for the
 ELBO estimators (``elbo``, ``meanfield``); importance-weighted bounds have no separate KL term,
 so asking for these penalties with them is an error. With no penalty given (beta = 1,
@@ -19,68 +20,61 @@ capacity None, free_bits 0), ``forward`` is the negative ELBO, which the loop re
 from __future__ import annotations
 
 import torch
-from pyro.distributions import Independent
-from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
 
 from pyro_vae.objectives.base import Objective, _to_particle_data_shape, site_log_prob, traces
+from pyro_vae.objectives.kl import _unexpand, factors, is_latent, site_kls
 
 
 class KLNotAvailableError(ValueError):
     """A KL term the configured estimator, prior or guide cannot provide."""
 
 
-def _unexpand(d):
-    while isinstance(d, ExpandedDistribution):
-        d = d.base_dist
-    return d
-
-
-def _factors(d):
-    """The per-dimension factors of ``d`` (event dims moved to batch), or None if it has none."""
-    d = _unexpand(d)
-    if len(d.event_shape) == 0:
-        return None
-    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == len(d.event_shape) == 1:
-        return _unexpand(d.base_dist)
-    return None
-
-
 def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tensor:
     """KL(q || p) of every latent site, a tensor (particles, batch, dims).
 
     ``per_dimension``: one column per latent dimension (needs factorized q and p), else one
-    column per latent site.
+    column per latent site. Each site's KL is in closed form where ``objectives.kl`` finds that
+    valid, else log q(z) - log p(z) from the same particles (``kl_methods`` says which).
     """
     columns = []
-    for name, q_site in guide_trace.nodes.items():
-        if q_site["type"] != "sample" or q_site["is_observed"] or site_is_subsample(q_site):
-            continue
+    for name, (_, kl) in site_kls(model_trace, guide_trace, per_dimension).items():
+        q_site = guide_trace.nodes[name]
+        if name not in model_trace.nodes:
+            raise KLNotAvailableError(f"guide site {name!r} has no prior in the model, so it has no "
+                                      f"KL term; sample it in the model too, or train without "
+                                      f"--free-bits and --capacity")
         q, p, z = q_site["fn"], model_trace.nodes[name]["fn"], q_site["value"]
-        qf, pf = _factors(q), _factors(p)
-        if qf is not None and pf is not None:
-            try:
-                kl = kl_divergence(qf, pf)
-            except NotImplementedError:
-                kl = qf.log_prob(z) - pf.log_prob(z)
-            kl = kl.expand(z.shape)
-            columns.append(kl if per_dimension else kl.sum(-1, keepdim=True))
-            continue
-        if per_dimension and len(q.event_shape) > 0:
+        batch = z.shape[: z.dim() - len(q.event_shape)]
+        qf, pf = factors(q), factors(p)
+        if per_dimension and len(q.event_shape) > 0 and (qf is None or pf is None):
             raise KLNotAvailableError(
                 f"free bits need the KL of each latent dimension, but site {name!r} has guide "
                 f"{type(_unexpand(q)).__name__} and prior {type(_unexpand(p)).__name__}, which do not "
                 f"factorize over dimensions. Use --capacity (a floor on the total KL is not free "
                 f"bits) or --beta with this model and guide, or a factorized prior and guide."
             )
-        try:
-            kl = kl_divergence(_unexpand(q), _unexpand(p))
-        except NotImplementedError:
-            kl = q.log_prob(z) - p.log_prob(z)
-        columns.append(kl.expand(z.shape[: z.dim() - len(q.event_shape)]).unsqueeze(-1))
+        split = per_dimension and qf is not None and pf is not None
+        if kl is None:  # Monte Carlo, from the same particles
+            kl = qf.log_prob(z) - pf.log_prob(z) if split else q.log_prob(z) - p.log_prob(z)
+        kl = kl.expand(*batch, *kl.shape[len(batch):]).reshape(*batch, -1)
+        mask = q_site["mask"]
+        columns.append(scale_and_mask(kl if split else kl.sum(-1, keepdim=True),
+                                      mask=mask.unsqueeze(-1) if torch.is_tensor(mask) else mask))
     return torch.cat(columns, dim=-1)
+
+
+def check_reparameterized(guide_trace) -> None:
+    """Free bits and capacity differentiate the KL and log p(x|z) pathwise: refuse a guide site
+    without a reparameterized sampler (its score-function term would be lost)."""
+    for name, site in guide_trace.nodes.items():
+        if is_latent(site) and not site["fn"].has_rsample:
+            raise KLNotAvailableError(
+                f"free bits and capacity need reparameterized guide sites, but {name!r} "
+                f"({type(_unexpand(site['fn'])).__name__}) has no rsample; weight the KL with "
+                f"--beta, --warmup-epochs or --cycle-epochs instead, which keep its score-function "
+                f"term")
 
 
 def check_elbo_estimator(estimator) -> None:
@@ -109,6 +103,8 @@ class KLPenaltyObjective(Objective):
                 **context):
         k = self.estimator.num_particles
         model_trace, guide_trace = traces(self.model, self.guide, x, k, **context)
+        if torch.is_grad_enabled():
+            check_reparameterized(guide_trace)
         log_lik = sum(_to_particle_data_shape(site_log_prob(s), k, x.shape[0])
                       for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
         kl = kl_terms(model_trace, guide_trace, per_dimension=free_bits > 0)
