@@ -31,7 +31,7 @@ def quadrant_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("quadrant") / "run"
     data = load_dataset("mnist", "cpu", train_size=5000, test_size=200)
     config = TrainConfig.from_dict(dict(dataset="mnist", model="cvae-quadrant", guide="gaussian", z_dim=20,
-                                        hidden=[256], epochs=2, seed=0, device="cpu",
+                                        hidden=[256], epochs=2, seed=0, device="cpu", estimator="elbo",
                                         model_options={"quadrants": 2}))
     train(config, run, quiet=True, dataset=data)
     return run, data

@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 
 from pyro_vae.compare import kl_by_site, kl_estimate
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluation import evaluate
 from pyro_vae.guides import GaussianGuide
 from pyro_vae.models import VAE
 from pyro_vae.objectives import KLPenaltyObjective, make_estimator
