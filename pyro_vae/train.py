@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
+from pyro_vae.checks import check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
@@ -191,10 +192,12 @@ def train(
 
     if dataset is None:
         dataset = load_dataset(config.dataset, device, config.data_dir, config.validation,
-                               config.train_size, config.test_size, config.image_size, config.classes)
+                               config.train_size, config.test_size, config.image_size, config.classes,
+                               config.image_shape, config.standardize)
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.num_classes = dataset.num_classes
+    config.standardization = dataset.standardization.record() if dataset.standardization else None
     if config.labels:
         dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
@@ -203,9 +206,11 @@ def train(
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
     context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
-    if hasattr(model, "likelihood"):
-        model.likelihood.check_support(dataset.train, "training data")
-        model.likelihood.check_support(dataset.test, "test data")
+    head = dataset.context(context_keys, slice(0, 2))  # the rows the model is traced on
+    check_data_support(model, dataset.train, "training data", dataset.binarize, **head)
+    check_data_support(model, dataset.test, "test data", **dataset.context(context_keys, slice(0, 2), "test"))
+    if world.is_main:
+        check_data_scale(model, dataset.train, **head)  # a DataScaleWarning: --standardize
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
     if config.jit:
@@ -230,6 +235,8 @@ def train(
                          f"add --validation N (e.g. --validation 10000)")
     if world.is_main:
         save_config(run_dir, config)
+        if dataset.standardization is not None:
+            dataset.standardization.save(run_dir)  # a tensor file where config.json refers to one
     board = TensorBoard(run_dir, config.image_shape) if config.tensorboard and world.is_main else None
 
     show = not quiet and world.is_main and sys.stderr.isatty()
