@@ -44,9 +44,11 @@ class DataScaleWarning(UserWarning):
     """Data far from unit scale under a Gaussian or Laplace observation: --standardize helps."""
 
 
-def observed_sites(model, x: torch.Tensor, rows: int = 2, **context) -> dict:
+def observed_sites(model, x: torch.Tensor, rows: int = 2, guide=None, **context) -> dict:
     """The observed sample sites of one trace of ``model`` on the first ``rows`` rows of x (and of
-    the context tensors): {name: site}, each with ``site["fn"]`` and ``site["value"]``. Traced
+    the context tensors): {name: site}, each with ``site["fn"]`` and ``site["value"]``. With a
+    ``guide``, the model is replayed on the guide's draws (as every estimator runs it); without,
+    its latents come from its own prior. Traced
     under ``poutine.block`` (nothing reaches an enclosing handler), without gradients or Pyro's
     validation (so a mismatch gets this module's message, not a raw one), on a fork of the RNG
     (a seeded run draws the same numbers with or without the check)."""
@@ -57,16 +59,18 @@ def observed_sites(model, x: torch.Tensor, rows: int = 2, **context) -> dict:
                 for k, v in context.items()}
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices), torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+        if guide is not None:
+            model = poutine.replay(model, trace=poutine.trace(guide).get_trace(x[:rows], **rows_ctx))
         trace = poutine.trace(model).get_trace(x[:rows], **rows_ctx)  # leaves the RNG streams as they were
     return {name: site for name, site in trace.nodes.items()
             if site["type"] == "sample" and site["is_observed"]
             and not site["infer"].get("_do_not_score") and site["value"].numel() > 0}
 
 
-def data_site(model, x: torch.Tensor, rows: int = 2, **context) -> tuple[str, dict] | None:
+def data_site(model, x: torch.Tensor, rows: int = 2, guide=None, **context) -> tuple[str, dict] | None:
     """(name, site) of the observed site whose value is the data x (its first ``rows`` rows, in
     any shape), else of the only observed site; None where the model observes nothing."""
-    sites = observed_sites(model, x, rows, **context)
+    sites = observed_sites(model, x, rows, guide, **context)
     head = x[:rows].reshape(-1)
     for name, site in sites.items():
         value = site["value"]
@@ -125,17 +129,19 @@ def _g(v) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
-def check_data_support(model, x: torch.Tensor, what: str = "data", binarized: bool = False, **context) -> None:
+def check_data_support(model, x: torch.Tensor, what: str = "data", binarized: bool = False, guide=None,
+                       **context) -> None:
     """Raise DataError unless every row of x lies in the support of the model's observed site.
 
-    The model is traced once on the first rows (``data_site``). Where the site's support needs
+    The model is traced once on the first rows (``data_site``; replayed on ``guide``'s draws
+    where one is given). Where the site's support needs
     no parameters (``elementwise_support``) the whole of x is checked against it, in chunks
     of ``CHECK_CHUNK`` values, without running the model again; otherwise only the traced rows
     are checked, against the traced distribution's own support. ``binarized``: x holds the
     probabilities of dynamically binarized data (each batch is Bernoulli(x)), so x must lie in
     [0, 1] and the draws, 0 and 1, in the support.
     """
-    found = data_site(model, x, **context)
+    found = data_site(model, x, guide=guide, **context)
     if found is None:
         return
     name, site = found
@@ -187,7 +193,7 @@ def base_distribution(fn):
     return fn
 
 
-def check_data_scale(model, x: torch.Tensor, what: str = "training data", **context) -> str | None:
+def check_data_scale(model, x: torch.Tensor, what: str = "training data", guide=None, **context) -> str | None:
     """Warn (``DataScaleWarning``) when x is far from unit scale under a Gaussian or Laplace
     observation, and return the message (None when the scale is fine or the observation is
     another distribution).
@@ -201,7 +207,7 @@ def check_data_scale(model, x: torch.Tensor, what: str = "training data", **cont
 
     import pyro.distributions as dist
 
-    found = data_site(model, x, **context)
+    found = data_site(model, x, guide=guide, **context)
     if found is None or not isinstance(base_distribution(found[1]["fn"]), (dist.Normal, dist.Laplace)):
         return None
     flat = x.reshape(len(x), -1).double()

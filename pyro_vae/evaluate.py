@@ -464,7 +464,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         "seed": seed,
         "test_log_likelihood": ll,
         "test_nll": -ll,
-        **bits_per_dim(model, x, ll, getattr(model, "scored_dims", x.shape[1]), **context),  # discrete data only
+        **bits_per_dim(model, x, ll, getattr(model, "scored_dims", x.shape[1]), guide, **context),  # discrete data only
         "test_elbo": el,
         "elbo_gap": ll - el,
         "distortion": dist_,

@@ -239,7 +239,7 @@ def make_likelihood(name: str, x_dim: int) -> Likelihood:
 BERNOULLI_FAMILY = ("bernoulli", "continuous-bernoulli", "discretized-logistic")  # data in [0, 1]
 
 
-def bits_per_dim(model, x: torch.Tensor, log_px: float, dims: int | None = None, **context) -> dict:
+def bits_per_dim(model, x: torch.Tensor, log_px: float, dims: int | None = None, guide=None, **context) -> dict:
     """``{"test_bits_per_dim": -log_px / (dims ln 2)}`` where the model's observation is discrete,
     else ``{"test_bits_per_dim": None, "test_bits_per_dim_note": why}``.
 
@@ -248,9 +248,10 @@ def bits_per_dim(model, x: torch.Tensor, log_px: float, dims: int | None = None,
     p(x) / D counts bits. Grey levels under a Bernoulli (soft targets) are scored but are not
     probabilities, and a density on continuous values (Normal, Laplace, continuous Bernoulli)
     changes with the data's units: neither is comparable in bits/dim, so both are left out.
-    ``dims``: the dimensions the model scores (default all features of x).
+    ``dims``: the dimensions the model scores (default all features of x); ``guide``: trace the
+    model on its draws (``checks.observed_sites``).
     """
-    found = data_site(model, x, **context)
+    found = data_site(model, x, guide=guide, **context)
     if found is None:
         return {"test_bits_per_dim": None, "test_bits_per_dim_note": "absent: the model has no observed site"}
     fn = found[1]["fn"]

@@ -206,16 +206,16 @@ def train(
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
     context_keys = tuple(getattr(model, "context_keys", ()))  # e.g. ("y",): labels as context
-    head = dataset.context(context_keys, slice(0, 2))  # the rows the model is traced on
-    check_data_support(model, dataset.train, "training data", dataset.binarize, **head)
-    check_data_support(model, dataset.test, "test data", **dataset.context(context_keys, slice(0, 2), "test"))
-    if world.is_main:
-        check_data_scale(model, dataset.train, **head)  # a DataScaleWarning: --standardize
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
     if config.jit:
         objective = TracedObjective(objective)
     check_pair(model, guide, dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
+    head = dataset.context(context_keys, slice(0, 2))  # the rows the model is traced on
+    check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **head)
+    check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
+    if world.is_main:
+        check_data_scale(model, dataset.train, guide=guide, **head)  # a DataScaleWarning: --standardize
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     evaluator = objective
     if world.size > 1:
