@@ -19,6 +19,10 @@ TRAIN_FLAGS = {
     "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
     "classes": (int, "train and test on the rows of these labels only, e.g. --classes 0 1 2 3 4 5 6 7 8 "
                      "(`pyro-vae anomaly RUN` then scores the other classes as anomalies)"),
+    "image_shape": (int, "show and model flat rows as C H W images, e.g. --image-shape 1 28 28 for 784 "
+                         "features (default: the data's, for images; none for points)"),
+    "standardize": (bool, "continuous data: standardize each feature by the training rows' mean and sd "
+                          "(stored in config.json); log p(x) is still reported in the data's own units"),
     "labelled_every": (int, "with --labels: a labelled batch after every N unlabelled ones, cycling the labelled rows (0: each labelled row once per epoch)"),
     "preset": (str, "architecture preset: seed (784-400-20, ReLU), iwae1 (784-200-200-50, tanh) or iwae2 (two stochastic layers)"),
     "model": (str, "model name (vae, linear, hvae2, cvae, ...; see the README) or package.module:Class"),
@@ -26,7 +30,8 @@ TRAIN_FLAGS = {
     "z_dim": (int, "latent dimensions"),
     "hidden": (int, "hidden layer sizes, e.g. --hidden 200 200"),
     "activation": (str, "relu, tanh, softplus, elu, gelu, silu, leaky_relu"),
-    "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian, laplace, discretized-logistic (8-bit)"),
+    "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian, laplace, discretized-logistic (8-bit); "
+                        "default: the model's own (gaussian for linear)"),
     "net": (str, "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)"),
     "init_output_bias": (bool, "initialise the decoder output bias from the training mean"),
     "estimator": (str, "elbo, meanfield, iwae, stl, dreg, miwae, ciwae, piwae, renyi, enum; options as in iwae:K=50"),
@@ -65,7 +70,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         text = f"{help_} (default: {default})"
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif name in ("hidden", "classes"):
+        elif name in ("hidden", "classes", "image_shape"):
             p.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
             p.add_argument(flag, type=typ, default=None, help=text)

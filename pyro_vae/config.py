@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import tomllib
 import torch
 
 from pyro_vae.guides import GUIDES
+from pyro_vae.likelihoods import BERNOULLI_FAMILY
 from pyro_vae.models import MODELS
 from pyro_vae.programs import build_programs
 
@@ -39,6 +41,7 @@ class TrainConfig:
     labels: int | None = None
     labelled_every: int = 0
     classes: list[int] | None = None
+    standardize: bool = False
     # model and guide
     preset: str | None = None
     model: str = "vae"
@@ -46,7 +49,7 @@ class TrainConfig:
     z_dim: int = 20
     hidden: list[int] = field(default_factory=lambda: [400])
     activation: str = "relu"
-    likelihood: str = "bernoulli"
+    likelihood: str | None = None  # None: the model's own default (bernoulli; gaussian for linear)
     net: str = "mlp"
     init_output_bias: bool = False
     model_options: dict = field(default_factory=dict)
@@ -77,10 +80,19 @@ class TrainConfig:
     tensorboard: bool = False
     # filled in from the data when training starts
     x_dim: int | None = None
-    image_shape: list[int] | None = None
+    image_shape: list[int] | None = None  # or given (--image-shape C H W) for flat rows of C*H*W features
     num_classes: int | None = None
+    standardization: dict | None = None  # with standardize: the training rows' mean and sd (see data.Standardization)
 
     def __post_init__(self):
+        if self.likelihood is None:
+            self.likelihood = _default_likelihood(self.model)
+        if self.standardize and self.likelihood in BERNOULLI_FAMILY and self.model in MODELS:
+            raise ValueError(f"--standardize makes the data real-valued, and the {self.likelihood} likelihood needs "
+                             f"data in [0, 1]: drop --standardize, or use --likelihood gaussian (or laplace)")
+        if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) < 1):
+            raise ValueError(f"--image-shape takes three positive sizes C H W (e.g. 1 28 28), got "
+                             f"{' '.join(map(str, self.image_shape))}")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1] (the factor on the learning rate after each epoch; "
                              f"1 keeps it constant), got {self.lr_decay}")
@@ -111,6 +123,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _default_likelihood(model: str) -> str:
+    """The ``likelihood`` default of a built-in model's constructor (a user's class: bernoulli,
+    without importing it)."""
+    if model in MODELS:
+        param = inspect.signature(MODELS.get(model)).parameters.get("likelihood")
+        if param is not None and isinstance(param.default, str):
+            return param.default
+    return "bernoulli"
 
 
 def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None = None):

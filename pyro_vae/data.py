@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -44,12 +45,74 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("PYRO_VAE_DATA", Path.home() / ".cache" / "pyro-vae"))
 
 
+STANDARDIZATION_FILE = "standardization.pt"
+INLINE_FEATURES = 256  # up to this many features the standardization is stored in config.json itself
+
+
+@dataclass
+class Standardization:
+    """Per-feature x_std = (x - mean) / sd, fitted on the training rows only.
+
+    mean_d and sd_d are the training rows' mean and standard deviation (1/N, float64); a
+    feature with sd_d <= 1e-12 (1 + |mean_d|) is constant there and keeps sd_d = 1 (shifted only).
+    Densities change by the Jacobian: log p(x) = log p(x_std) + ``log_jacobian``, with
+    ``log_jacobian`` = -sum_d log sd_d, so every reported log p(x) is in the data's own units.
+    """
+
+    mean: torch.Tensor  # (D,) float64, on the CPU
+    sd: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> Standardization:
+        x = x.detach().cpu().double()
+        mean, sd = x.mean(0), x.std(0, unbiased=False)
+        sd = torch.where(sd > 1e-12 * (1 + mean.abs()), sd, torch.ones_like(sd))
+        return cls(mean, sd)
+
+    @property
+    def log_jacobian(self) -> float:
+        """log |d x_std / d x| = -sum_d log sd_d: add it to log p(x_std) to get log p(x)."""
+        return -float(self.sd.log().sum())
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x)) / self.sd.to(x)
+
+    def invert(self, x_std: torch.Tensor) -> torch.Tensor:
+        """Back to the data's units: x = mean + sd * x_std (samples, reconstructions)."""
+        return x_std * self.sd.to(x_std) + self.mean.to(x_std)
+
+    def record(self) -> dict:
+        """What config.json keeps: the values themselves for up to ``INLINE_FEATURES`` features,
+        else the name of a tensor file in the run directory (``save`` writes it)."""
+        if len(self.mean) <= INLINE_FEATURES:
+            return {"mean": self.mean.tolist(), "sd": self.sd.tolist()}
+        return {"file": STANDARDIZATION_FILE, "features": len(self.mean)}
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write ``STANDARDIZATION_FILE`` where ``record`` refers to it (no-op when inline)."""
+        if "file" in self.record():
+            torch.save({"mean": self.mean, "sd": self.sd}, Path(run_dir) / STANDARDIZATION_FILE)
+
+    @classmethod
+    def from_record(cls, record: dict, run_dir: str | Path | None = None) -> Standardization | None:
+        """The standardization a config.json records (None where the file is not at hand)."""
+        if "mean" in record:
+            return cls(torch.tensor(record["mean"], dtype=torch.float64), torch.tensor(record["sd"], dtype=torch.float64))
+        path = Path(run_dir or "") / record["file"]
+        if run_dir is None or not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(state["mean"], state["sd"])
+
+
 @dataclass
 class Dataset:
     """Flat data on one device: ``train`` (N, D) and ``test`` (M, D), values as floats.
 
     ``binarize`` marks datasets whose training batches are drawn as Bernoulli(x) afresh.
-    ``image_shape`` is (C, H, W) where the features are an image, for plots and conv nets.
+    ``image_shape`` is (C, H, W) where the features are an image, for plots and conv nets, and
+    None for other data (points with any number of features). ``standardization`` is set where
+    the rows were standardized (``--standardize``): every split holds standardized values.
     """
 
     name: str
@@ -64,6 +127,7 @@ class Dataset:
     num_classes: int | None = None
     info: dict = field(default_factory=dict)
     labelled_rows: torch.Tensor | None = None  # set by keep_labels: the semi-supervised setting
+    standardization: Standardization | None = None
 
     @property
     def x_dim(self) -> int:
@@ -275,12 +339,28 @@ def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = obj[0], (obj[1] if len(obj) > 1 else None)
     else:
         x, y = obj, None
-    return _at_least_2d(x, path), y
+    x = _at_least_2d(torch.as_tensor(x), path)
+    if y is not None:
+        y = torch.as_tensor(y)
+        if y.shape != (len(x),):
+            raise DataError(f"{path}: labels y have shape {tuple(y.shape)}; need one per row, ({len(x)},)")
+        if y.is_floating_point():
+            if not bool((y == y.round()).all()):
+                raise DataError(f"{path}: labels y must be class ids 0..C-1 (integers); got non-integer values")
+            y = y.long()
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{path}: labels y must be class ids 0..C-1; got {int(y.min())}")
+    return x, y
 
 
-def load_points(path: str | Path, x_dim: int | None = None, likelihood=None) -> torch.Tensor:
+def load_points(path: str | Path, x_dim: int | None = None, likelihood=None, *, model=None,
+                standardization: Standardization | None = None, **context) -> torch.Tensor:
     """All rows of a .npy or .pt file as flat float points (N, features), checked: finite, with
-    ``x_dim`` features where given, and inside the support of ``likelihood`` where given."""
+    ``x_dim`` features where given; standardized by ``standardization`` where given (the run's,
+    ``Dataset.standardization``: the points are in the data's own units); then inside the support
+    of ``model``'s observed site (``check_data_support``, with ``context``) or of ``likelihood``."""
+    from pyro_vae.checks import check_data_support
+
     path = Path(path)
     if path.suffix not in (".npy", ".pt", ".pth") or not path.exists():
         raise DataError(f"no .npy or .pt file at {path}")
@@ -290,7 +370,12 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None) -> 
     if x_dim is not None and x.shape[1] != x_dim:
         raise DataError(f"{path} has {x.shape[1]} features per point and the model expects {x_dim}: "
                         f"give points shaped like its training data")
-    if likelihood is not None:
+    if standardization is not None:
+        x = standardization.apply(x)
+    if model is not None:
+        params = list(model.parameters()) if hasattr(model, "parameters") else []
+        check_data_support(model, x.to(params[0].device) if params else x, f"the points in {path}", **context)
+    elif likelihood is not None:
         likelihood.check_support(x, f"the points in {path}")
     return x
 
@@ -342,14 +427,23 @@ def load_dataset(
     test_size: int | None = None,
     image_size: int | None = None,
     classes: Sequence[int] | None = None,
+    image_shape: Sequence[int] | None = None,
+    standardize: bool | Standardization = False,
 ) -> Dataset:
     """Load a dataset by name or path, validated and placed on ``device``.
 
     validation: hold out the last N training points as ``valid``. train_size / test_size:
     keep only the first N points (quick runs and tests). classes: keep only the rows of these
     labels, in training and test data alike (labels keep their values).
+
+    A .npy/.pt file holds (N, features...) rows, any number of features; 10% of the rows (at
+    least one), chosen with a fixed seed, are the test set. Its ``image_shape`` is the file's
+    (C, H, W) for 4-D arrays, (1, H, W) for 3-D ones, else None (points), unless ``image_shape``
+    (C, H, W) is given: flat rows of C*H*W features are then shown and modelled as images.
+    standardize: True fits a ``Standardization`` on the (final) training rows and applies it to
+    every split; a ``Standardization`` is applied as it is (a trained run's).
     """
-    path = Path(name)
+    path, given_shape = Path(name), image_shape
     if name in BUILTIN_DATASETS:
         a = mnist_arrays(data_dir)
         x_train = torch.from_numpy(a["x_train"]).float() / 255.0
@@ -365,8 +459,8 @@ def load_dataset(
         x_train, x_test, y_train, y_test = _split(x, y, 0.1)
     elif path.suffix in (".npy", ".pt", ".pth") and path.exists():
         x, y = _read_tensor_file(path)
-        image_shape = tuple(x.shape[1:]) if x.dim() == 4 else None
-        num_classes, binarize = (int(y.max()) + 1 if y is not None else None), False
+        image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
+        num_classes, binarize = (int(y.max()) + 1 if y is not None and len(y) else None), False
         x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
     else:
         raise DataError(
@@ -375,6 +469,7 @@ def load_dataset(
         )
     flat = lambda t: t.reshape(len(t), -1).float()  # noqa: E731
     x_train, x_test = flat(x_train), flat(x_test)
+    image_shape = _check_image_shape(given_shape or image_shape, x_train.shape[1])
     if classes is not None:
         (x_train, y_train), (x_test, y_test) = (_keep_classes(x, y, classes, num_classes, name)
                                                 for x, y in ((x_train, y_train), (x_test, y_test)))
@@ -393,19 +488,55 @@ def load_dataset(
             y_train, y_valid = y_train[:-validation], y_train[-validation:]
     check_finite(x_train, f"training data of {name!r}")
     check_finite(x_test, f"test data of {name!r}")
+    standardization = Standardization.fit(x_train) if standardize is True else standardize or None
+    if standardization is not None:
+        if binarize:
+            raise DataError(f"--standardize is for continuous data; {name!r} is binarized. Drop --standardize.")
+        if len(standardization.mean) != x_train.shape[1]:
+            raise DataError(f"the standardization has {len(standardization.mean)} features and {name!r} "
+                            f"{x_train.shape[1]}: it belongs to other data")
+        x_train, x_test = standardization.apply(x_train), standardization.apply(x_test)
+        x_valid = None if x_valid is None else standardization.apply(x_valid)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return Dataset(
         name=name, train=to(x_train), test=to(x_test), train_labels=to(y_train),
         test_labels=to(y_test), valid=to(x_valid), valid_labels=to(y_valid), binarize=binarize,
-        image_shape=image_shape, num_classes=num_classes,
+        image_shape=image_shape, num_classes=num_classes, standardization=standardization,
     )
 
 
+def _check_image_shape(shape, features: int) -> tuple[int, ...] | None:
+    """``shape`` as a (C, H, W) tuple that holds exactly ``features`` values (None stays None)."""
+    if shape is None:
+        return None
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1 or math.prod(shape) != features:
+        raise DataError(f"--image-shape {' '.join(map(str, shape))} does not fit rows of {features} features: "
+                        f"give C H W with C*H*W = {features} (e.g. --image-shape 1 28 28 for 784), or drop it")
+    return shape
+
+
 def load_run_data(config, device, test_size: int | None = None, train_size: int | None = 1,
-                  all_classes: bool = False) -> Dataset:
+                  all_classes: bool = False, run_dir: str | Path | None = None) -> Dataset:
     """The data of a trained run (its ``config``), for commands that read the run: by default only
     the test set (one training row), the first ``test_size`` rows of it; ``all_classes`` ignores
-    the run's ``classes`` (anomaly detection scores the held-out classes too)."""
+    the run's ``classes`` (anomaly detection scores the held-out classes too). Standardized as
+    the run was (``run_standardization``), with the run's image shape."""
     return load_dataset(config.dataset, device, config.data_dir, train_size=train_size,
                         test_size=test_size or config.test_size, image_size=config.image_size,
-                        classes=None if all_classes else config.classes)
+                        classes=None if all_classes else config.classes, image_shape=config.image_shape,
+                        standardize=run_standardization(config, run_dir) or False)
+
+
+def run_standardization(config, run_dir: str | Path | None = None) -> Standardization | None:
+    """The standardization a run trained with: the values its config.json records (inline, or
+    in ``run_dir``'s tensor file), else fitted again on the run's training rows, which its
+    config fixes (same file, split, train_size, validation and classes: the same values)."""
+    if not getattr(config, "standardize", False):
+        return None
+    record = getattr(config, "standardization", None)
+    found = Standardization.from_record(record, run_dir) if record else None
+    if found is not None:
+        return found
+    return load_dataset(config.dataset, "cpu", config.data_dir, config.validation, config.train_size,
+                        1, config.image_size, config.classes, standardize=True).standardization

@@ -34,6 +34,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from pyro_vae.likelihoods import bits_per_dim
 from pyro_vae.objectives.base import PARTICLE_PLATE, site_log_prob, traces
 from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
 from pyro_vae.objectives.kl import site_kl, site_kls
@@ -467,7 +468,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         "seed": seed,
         "test_log_likelihood": ll,
         "test_nll": -ll,
-        "test_bits_per_dim": -ll / (getattr(model, "scored_dims", x.shape[1]) * LN2),
+        **bits_per_dim(model, x, ll, getattr(model, "scored_dims", x.shape[1]), guide, **context),  # discrete data only
         "test_elbo": el,
         "elbo_gap": ll - el,
         "distortion": dist_,
@@ -654,13 +655,22 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     config, model, guide = load_run(run_dir, dev, best=best)
-    data = load_run_data(config, dev, test_size)
+    data = load_run_data(config, dev, test_size, run_dir=run_dir)
     x = data.test
     pyro.set_rng_seed(seed)
     context = data.context(getattr(model, "context_keys", ()), split="test")  # labels for conditional models
     result = evaluate(model, guide, x, k, max_batch_particles, progress, max_memory=max_memory,
                       seed=seed, return_points=True, **context)
     points = result.pop("points")
+    if data.standardization is not None:  # densities of x_std -> of x: + log|dx_std/dx| = -sum_d log sd_d
+        jac = data.standardization.log_jacobian
+        for key in ("test_log_likelihood", "test_elbo"):
+            result[key] += jac
+        result["test_nll"], result["distortion"] = result["test_nll"] - jac, result["distortion"] - jac
+        points["log_px"], points["elbo"] = points["log_px"] + jac, points["elbo"] + jac
+        result["log_jacobian"] = jac
+        result["units_note"] = ("log p(x), ELBO, NLL and distortion are in the data's own units: the model was "
+                                "trained on standardized data, and log_jacobian = -sum_d log sd_d is added")
     au = active_units_per_site(guide, x, **context)
     result["active_units"] = sum(c for c, _ in au.values())
     result["active_units_per_site"] = {s: c for s, (c, _) in au.items()}

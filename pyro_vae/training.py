@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
-from pyro_vae.checks import DataError
+from pyro_vae.checks import DataError, check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
@@ -167,10 +167,10 @@ class TensorBoard:
 
 
 def check_first_step(objective, dataset: Dataset, context_keys, batch_size: int) -> None:
-    """The pairing check and one step's loss under Pyro's validation (``pyro.validation_enabled``),
-    once before training: a program that does not fit its data (a value outside the support of
-    the observation distribution, a guide site whose shape differs from the model's) fails here
-    with Pyro's message, before anything is written. The step runs on a forked RNG and without
+    """One step's loss under Pyro's validation (``pyro.validation_enabled``), once before
+    training: a program that does not fit its data (a value outside the support of a
+    distribution, a shape Pyro refuses) fails here with Pyro's message, before anything is
+    written. The step runs on a forked RNG and without
     gradients, so training draws exactly what it would have drawn without the check; inside the
     loop validation stays off (each check reads a tensor back to the host)."""
     n = min(batch_size, len(dataset.train))
@@ -178,7 +178,6 @@ def check_first_step(objective, dataset: Dataset, context_keys, batch_size: int)
     devices = [rows.device] if rows.device.type == "cuda" else []
     with pyro.validation_enabled(True), torch.random.fork_rng(devices=devices):
         x, context = dataset.batch(rows), dataset.context(context_keys, rows)  # binarized as in training
-        check_pair(objective.model, objective.guide, x[:2], **{k: v[:2] for k, v in context.items()})
         try:
             with torch.no_grad():
                 objective(x, **context)
@@ -226,25 +225,30 @@ def train(
 
     if dataset is None:
         dataset = load_dataset(config.dataset, device, config.data_dir, config.validation,
-                               config.train_size, config.test_size, config.image_size, config.classes)
+                               config.train_size, config.test_size, config.image_size, config.classes,
+                               config.image_shape, config.standardize)
     config.x_dim = dataset.x_dim
     config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
     config.num_classes = dataset.num_classes
+    config.standardization = dataset.standardization.record() if dataset.standardization else None
     if config.labels:
         dataset = dataset.keep_labels(config.labels, config.seed)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
     context_keys = program_context_keys(model, guide)  # e.g. ("y",): labels as context
-    first = dict(x=dataset.train[:2], **dataset.context(context_keys, slice(0, 2)))
-    bind(model, guide, first.pop("x"), **first)  # parameters of functions and pyro.param programs
+    first = {"x": dataset.train[:2], "context": dataset.context(context_keys, slice(0, 2))}  # rows to trace
+    bind(model, guide, first["x"], **first["context"])  # parameters of functions and pyro.param programs
     if config.amp:
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
-    if hasattr(model, "likelihood"):
-        model.likelihood.check_support(dataset.train, "training data")
-        model.likelihood.check_support(dataset.test, "test data")
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    with pyro.validation_enabled(True):  # Pyro's pairing checks (site names, shapes, plates)
+        check_pair(model, guide, first["x"], **first["context"])
+    check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
+    check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
+    if world.is_main:
+        check_data_scale(model, dataset.train, guide=guide, **first["context"])  # a hint: --standardize
     check_first_step(objective, dataset, context_keys, config.batch_size)
     if config.jit:
         objective = TracedObjective(objective)
@@ -269,6 +273,8 @@ def train(
                          f"add --validation N (e.g. --validation 10000)")
     if world.is_main:
         save_config(run_dir, config)
+        if dataset.standardization is not None:
+            dataset.standardization.save(run_dir)  # a tensor file where config.json refers to one
     board = TensorBoard(run_dir, config.image_shape) if config.tensorboard and world.is_main else None
 
     show = not quiet and world.is_main and sys.stderr.isatty()

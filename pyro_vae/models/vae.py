@@ -86,10 +86,15 @@ class LinearGaussian(LatentVariableModel):
     """Probabilistic PCA: p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I) (Tipping & Bishop 1999).
 
     The marginal is exact: p(x) = N(b, W W^T + s^2 I), and so is the posterior
-    p(z|x) = N(M^-1 W^T (x - b), s^2 M^-1) with M = W^T W + s^2 I.
+    p(z|x) = N(M^-1 W^T (x - b), s^2 M^-1) with M = W^T W + s^2 I. Gaussian by construction:
+    any other ``likelihood`` is refused.
     """
 
-    def __init__(self, x_dim: int = 784, z_dim: int = 20, noise_scale: float = 1.0, **_):
+    def __init__(self, x_dim: int = 784, z_dim: int = 20, noise_scale: float = 1.0,
+                 likelihood: str = "gaussian", **_):
+        if likelihood != "gaussian":
+            raise ValueError(f"--model linear is Gaussian by construction (probabilistic PCA) and cannot use "
+                             f"--likelihood {likelihood}: drop --likelihood (or give gaussian), or use --model vae")
         super().__init__(x_dim, z_dim)
         self.weight = nn.Parameter(torch.randn(x_dim, z_dim) / z_dim**0.5)
         self.bias = nn.Parameter(torch.zeros(x_dim))
