@@ -10,8 +10,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro_vae.evaluate import evaluate, evaluate_run
-from pyro_vae.train import train
+from pyro_vae.evaluation import evaluate, evaluate_run
+from pyro_vae.training import train
 from torch import nn
 
 from pyro_vae.checks import DataError, DataScaleWarning, check_data_scale, check_data_support
