@@ -243,7 +243,7 @@ def train(
             autocast_layers(module, device.type, amp_dtype(config.amp))
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
-    with pyro.validation_enabled(True):  # Pyro's pairing checks (site names, shapes, plates)
+    with pyro.validation_enabled(False):  # site names, shapes and plates; values come next
         check_pair(model, guide, first["x"], **first["context"])
     check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
     check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
