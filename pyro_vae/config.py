@@ -83,6 +83,7 @@ class TrainConfig:
     image_shape: list[int] | None = None  # or given (--image-shape C H W) for flat rows of C*H*W features
     num_classes: int | None = None
     standardization: dict | None = None  # with standardize: the training rows' mean and sd (see data.Standardization)
+    kl_methods: dict | None = None  # meanfield: per latent site, "closed form" or "monte carlo (why)"
 
     def __post_init__(self):
         if self.likelihood is None:

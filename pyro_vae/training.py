@@ -190,6 +190,18 @@ def check_first_step(objective, dataset: Dataset, context_keys, batch_size: int)
                             f"ContinuousBernoulli for real values), or rescale the data.") from e
 
 
+def kl_methods(objective, first: dict) -> dict | None:
+    """How the estimator treats each latent site's KL (``MeanFieldELBO.kl_methods``: the closed
+    form where it is valid, Monte Carlo elsewhere, with the reason), or None for estimators
+    without a separate KL term. Traced on a forked RNG: training draws what it would have."""
+    estimator = objective.estimator
+    if not hasattr(estimator, "kl_methods"):
+        return None
+    x = first["x"]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return estimator.kl_methods(objective.model, objective.guide, x, **first["context"])
+
+
 def _first_line(e: Exception) -> str:
     """The informative line of a Pyro error ("Error while computing log_prob at site 'x':" is
     followed by torch's own message, then the trace's shapes)."""
@@ -250,6 +262,10 @@ def train(
     if world.is_main:
         check_data_scale(model, dataset.train, guide=guide, **first["context"])  # a hint: --standardize
     check_first_step(objective, dataset, context_keys, config.batch_size)
+    config.kl_methods = kl_methods(objective, first)
+    if config.kl_methods and not quiet and world.is_main:
+        print(f"{config.estimator}: " + "; ".join(f"{site} KL {how}" for site, how in config.kl_methods.items()),
+              file=sys.stderr)
     if config.jit:
         objective = TracedObjective(objective)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
