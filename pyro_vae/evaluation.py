@@ -35,8 +35,17 @@ from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
 from pyro_vae.likelihoods import bits_per_dim
-from pyro_vae.objectives.base import PARTICLE_PLATE, site_log_prob, traces
-from pyro_vae.objectives.base import _to_particle_data_shape as _shape_kb
+from pyro_vae.objectives.base import (
+    PARTICLE_PLATE,
+    REPEATED,
+    VECTORIZED,
+    _reduce,
+    find_data_plate,
+    guess_max_plate_nesting,
+    particle_layout,
+    site_log_prob,
+    traces,
+)
 from pyro_vae.objectives.kl import site_kl, site_kls
 
 LN2 = math.log(2.0)
@@ -93,12 +102,18 @@ class BlockNoise(Messenger):
     plates have broadcast each site's distribution before it draws.
     """
 
-    def __init__(self, seed: int, data_index, particle_offset: int = 0):
+    def __init__(self, seed: int, data_index, particle_offset: int = 0, repeats: int = 0):
         super().__init__()
         self.seed = int(seed)
         self.data_index = [int(i) for i in data_index]
         self.particle_offset = int(particle_offset)
+        self.repeats = int(repeats)  # REPEATED layout: the data dim holds ``repeats`` copies of the points
         self._generators: dict = {}
+
+    @property
+    def rows(self) -> int:
+        """Entries of the data dim: the points, or in the REPEATED layout particles x points."""
+        return len(self.data_index) * max(1, self.repeats)
 
     def _generator(self, device) -> torch.Generator:
         key = str(device)
@@ -109,11 +124,11 @@ class BlockNoise(Messenger):
     def noise(self, site: str, shape, data_dim: int, particle_dim: int | None, device, dtype):
         """Standard normal noise of ``shape`` (data and particle dims at the given positions)."""
         shape = list(shape)
-        n_particles = shape[particle_dim] if particle_dim is not None else 1
+        n_particles = shape[particle_dim] if particle_dim is not None else max(1, self.repeats)
         rest = [s for a, s in enumerate(shape) if a not in (data_dim, particle_dim)]
-        if shape[data_dim] != len(self.data_index):
+        if shape[data_dim] != self.rows:
             raise ValueError(f"site {site!r} has {shape[data_dim]} data points, BlockNoise was given "
-                             f"{len(self.data_index)} indices")
+                             f"{self.rows} rows")
         first = self.particle_offset // PARTICLE_BLOCK
         last = (self.particle_offset + n_particles - 1) // PARTICLE_BLOCK
         start = self.particle_offset - first * PARTICLE_BLOCK
@@ -126,6 +141,8 @@ class BlockNoise(Messenger):
                 torch.randn(PARTICLE_BLOCK, *rest, generator=g, device=device, dtype=dtype,
                             out=out[row, col * PARTICLE_BLOCK:(col + 1) * PARTICLE_BLOCK])
         eps = out[:, start:start + n_particles]
+        if particle_dim is None and self.repeats:  # row j * B + i: point i's particle j, as vectorized
+            return torch.movedim(eps.transpose(0, 1).reshape(-1, *rest), 0, data_dim)
         if particle_dim is None:
             return torch.movedim(eps[:, 0], 0, data_dim)
         return torch.movedim(eps, (0, 1), (data_dim, particle_dim))
@@ -140,7 +157,7 @@ class BlockNoise(Messenger):
         data_plate = self._data_plate(msg)
         if data_plate is None:
             raise ValueError(f"latent site {msg['name']!r} is not inside a plate over the "
-                             f"{len(self.data_index)} data points: evaluation needs per-data-point "
+                             f"{self.rows} data points: evaluation needs per-data-point "
                              f"latents (as in VAEs)")
         dims["data"] = dims[data_plate]
         value = self._draw(msg["name"], fn, dims)
@@ -158,7 +175,7 @@ class BlockNoise(Messenger):
         """The plate over the data points: of the site's plates of that size, the one named
         ``data`` if there is one, else the outermost."""
         frames = sorted((f for f in msg["cond_indep_stack"]
-                         if f.name != PARTICLE_PLATE and f.size == len(self.data_index)), key=lambda f: f.dim)
+                         if f.name != PARTICLE_PLATE and f.size == self.rows), key=lambda f: f.dim)
         names = [f.name for f in frames]
         return "data" if "data" in names else (names[0] if names else None)
 
@@ -246,6 +263,22 @@ def _per_dim(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return t.reshape(-1, *t.shape[batch_dims:]).sum(0).reshape(-1).double()
 
 
+def _rows_kb(lp, k: int, b: int) -> torch.Tensor:
+    """A site's log-density in the REPEATED layout, (K * B, inner plates...), -> (K, B)."""
+    if not torch.is_tensor(lp) or lp.dim() == 0 or lp.shape[0] != k * b:
+        raise ValueError("a program that does not broadcast over particles must keep every latent inside "
+                         "the data plate to be evaluated with k > 1 (its batch is repeated per particle)")
+    return lp.reshape(k * b, -1).sum(1).reshape(k, b)
+
+
+def particle_layout_for(model, guide, x, context) -> tuple[str, int]:
+    """(layout, plates): how ``_Chunk`` lays out particles for these programs (``particle_layout``:
+    vectorized where they broadcast, else the batch repeated per particle), decided on two rows."""
+    head = (x[:2],), context_rows(context, 0, 2)
+    plates = guess_max_plate_nesting(model, guide, *head)
+    return particle_layout(model, guide, *head, plates), plates
+
+
 class _Chunk:
     """Log weights and the ELBO's parts for one chunk of data points x particles.
 
@@ -254,10 +287,20 @@ class _Chunk:
     [log p(z_s|.) - log q(z_s|.)] are assembled from them.
     """
 
-    def __init__(self, model, guide, xb, num_particles, noise, closed_form: bool, **context):
+    def __init__(self, model, guide, xb, num_particles, noise, closed_form: bool, layout=(VECTORIZED, 1),
+                 **context):
+        layout, plates = layout
         with noise:
-            model_trace, guide_trace = traces(model, guide, xb, num_particles, **context)
+            model_trace, guide_trace = traces(model, guide, xb, num_particles, plates, layout, **context)
         k, b = num_particles, xb.shape[0]
+        if layout == REPEATED:
+            def _shape_kb(lp, k, b):
+                return _rows_kb(lp, k, b)
+        else:
+            data_dim = find_data_plate(model_trace).dim
+
+            def _shape_kb(lp, k, b):  # sum every plate but the particles' and the data's
+                return _reduce(lp, -(plates + 1), data_dim, (k, b))
         self.log_lik = sum(_shape_kb(site_log_prob(s), k, b) for s in model_trace.nodes.values()
                            if s["type"] == "sample" and s["is_observed"])
         self.log_w = self.log_lik
@@ -368,13 +411,19 @@ def context_rows(context: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in context.items()}
 
 
-def bytes_per_pair(model, guide, x, k: int, seed: int = 0, **context) -> float:
+def _noise(seed, data_index, particle_offset, num_particles, layout) -> BlockNoise:
+    """The chunk's seeded noise for the particle layout (the same draws in either layout)."""
+    return BlockNoise(seed, data_index, particle_offset, num_particles if layout[0] == REPEATED else 0)
+
+
+def bytes_per_pair(model, guide, x, k: int, seed: int = 0, layout=None, **context) -> float:
     """Measured peak bytes per (data point, particle) pair of one probe chunk, plus what the
     evaluation keeps per pair (log weights, PSIS's float64 copies)."""
     b, p = min(len(x), 4), min(k, PARTICLE_BLOCK)
-    noise = BlockNoise(seed, range(b))
-    _, peak = peak_memory_bytes(lambda: _Chunk(model, guide, x[:b], p, noise, False, **context_rows(context, 0, b)),
-                                x.device)
+    layout = layout or particle_layout_for(model, guide, x, context)
+    noise = _noise(seed, range(b), 0, p, layout)
+    _, peak = peak_memory_bytes(lambda: _Chunk(model, guide, x[:b], p, noise, False, layout,
+                                               **context_rows(context, 0, b)), x.device)
     return peak / (b * p) + 4 + 6 * 8
 
 
@@ -414,8 +463,9 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
     t0 = time.perf_counter()
     n = len(x)
     closed_form = True  # per site where valid: objectives/kl.py decides
+    layout = particle_layout_for(model, guide, x, context)
     if max_memory is not None:
-        per_pair = bytes_per_pair(model, guide, x, k, seed, **context)
+        per_pair = bytes_per_pair(model, guide, x, k, seed, layout=layout, **context)
         pairs = max(1, int(parse_bytes(max_memory) / per_pair))
     else:
         per_pair, pairs = None, max_batch_particles
@@ -442,7 +492,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
         lw = torch.empty(k, b, device=x.device, dtype=x.dtype if x.is_floating_point() else None)
         for j in range(0, k, pc):
             kc = min(pc, k - j)
-            c = _Chunk(model, guide, xb, kc, BlockNoise(seed, range(i, i + b), j), closed_form,
+            c = _Chunk(model, guide, xb, kc, _noise(seed, range(i, i + b), j, kc, layout), closed_form, layout,
                        **context_rows(context, i, i + b))
             lw[j:j + kc] = c.log_w
             log_lik[i:i + b] += c.log_lik.double().sum(0).cpu()
@@ -527,19 +577,29 @@ def posterior_means(guide, x, num_samples: int = 64, seed: int = 0, chunk: int =
     """
     from pyro import poutine
 
-    from pyro_vae.objectives.base import vectorize
+    from pyro_vae.objectives.base import repeat_rows, vectorize
 
     out: dict[str, list] = {}
+    repeated = False
     for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
-        with BlockNoise(seed, range(i, i + len(xb))):
-            tr = poutine.trace(vectorize(guide, num_samples)).get_trace(xb, **context_rows(context, i, i + chunk))
+        xb, rows = x[i:i + chunk], context_rows(context, i, i + chunk)
+        if not repeated:
+            try:
+                with BlockNoise(seed, range(i, i + len(xb))):
+                    tr = poutine.trace(vectorize(guide, num_samples)).get_trace(xb, **rows)
+            except (RuntimeError, ValueError, IndexError):  # a guide that does not broadcast
+                repeated = True
+        if repeated:  # the batch repeated once per draw (rows j * B + i), the same noise
+            args, kwargs = repeat_rows((xb,), rows, num_samples)
+            with BlockNoise(seed, range(i, i + len(xb)), repeats=num_samples):
+                tr = poutine.trace(guide).get_trace(*args, **kwargs)
         for name, s in tr.nodes.items():
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
                 try:
                     m = s["fn"].mean.expand(s["value"].shape)
                 except NotImplementedError:  # no closed form (a flow): average the draws
                     m = s["value"]
+                m = m.reshape(num_samples, len(xb), -1) if repeated else m
                 out.setdefault(name, []).append(m.mean(0).reshape(len(xb), -1))
     return {name: torch.cat(v) for name, v in out.items()}
 
@@ -621,12 +681,17 @@ def posterior_inference_data(model, guide, x, indices, num_draws: int = 1000, se
     """
     indices = [int(i) for i in indices]
     xs = x[indices]
-    c = _Chunk(model, guide, xs, num_draws, BlockNoise(seed, indices), False,
+    layout = particle_layout_for(model, guide, x, context)
+    c = _Chunk(model, guide, xs, num_draws, _noise(seed, indices, 0, num_draws, layout), False, layout,
                **{k: v[list(indices)] for k, v in context.items()})
     lw = c.log_w.double().cpu().numpy()  # (draws, points)
     posterior, dims, coords = {}, {}, {"point": indices}
     for name, s in c.sites.items():
-        v = s["value"].expand(num_draws, len(indices), *s["value"].shape[2:]).reshape(num_draws, len(indices), -1)
+        v = s["value"]
+        if layout[0] == REPEATED:  # rows j * P + i
+            v = v.reshape(num_draws, len(indices), -1)
+        else:
+            v = v.expand(num_draws, len(indices), *v.shape[2:]).reshape(num_draws, len(indices), -1)
         posterior[name] = v.cpu().numpy()[None]
         dims[name] = ["point", f"{name}_dim"]
     khat = psislw(lw.T)[1] if num_draws >= 5 else np.full(len(indices), np.nan)

@@ -184,3 +184,30 @@ def test_repeated_batch_keeps_each_point_with_its_own_particles():
             if spec.startswith("dreg"):  # at the exact posterior DReG's guide gradient is zero
                 g = torch.autograd.grad(loss, list(guide.parameters()))
                 assert max(float(t.abs().max()) for t in g) < 1e-5
+
+
+def test_evaluation_repeats_the_batch_for_programs_that_do_not_broadcast():
+    """k > 1 from Python for a label-conditioned program written for one particle; the repeated
+    layout draws the same noise as the vectorized one, so it gives the same numbers."""
+    import pyro_vae.evaluation as evaluation
+    from pyro_vae.guides import GaussianGuide
+    from pyro_vae.models import VAE
+    from pyro_vae.objectives.base import REPEATED
+
+    model, guide, x, y = _label_pair()
+    x, y = x.repeat(5, 1), y.repeat(5)
+    r = pyro_vae.evaluate(model, guide, x, k=300, y=y)
+    chunked = pyro_vae.evaluate(model, guide, x, k=300, y=y, data_chunk=7, particle_chunk=128)
+    assert r["test_elbo"] < r["test_log_likelihood"] == pytest.approx(chunked["test_log_likelihood"], abs=1e-6)
+
+    pyro.set_rng_seed(0)
+    vae, gaussian = VAE(x_dim=20, z_dim=3, hidden=[8]), GaussianGuide(x_dim=20, z_dim=3, hidden=[8])
+    vectorized = pyro_vae.evaluate(vae, gaussian, x, k=200)
+    original = evaluation.particle_layout_for
+    evaluation.particle_layout_for = lambda *a: (REPEATED, 1)
+    try:
+        repeated = pyro_vae.evaluate(vae, gaussian, x, k=200)
+    finally:
+        evaluation.particle_layout_for = original
+    for key in ("test_log_likelihood", "test_elbo", "rate", "distortion"):
+        assert repeated[key] == pytest.approx(vectorized[key], abs=1e-4)
