@@ -211,3 +211,13 @@ def test_evaluation_repeats_the_batch_for_programs_that_do_not_broadcast():
         evaluation.particle_layout_for = original
     for key in ("test_log_likelihood", "test_elbo", "rate", "distortion"):
         assert repeated[key] == pytest.approx(vectorized[key], abs=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["elbo:K=4", "meanfield:K=4"])
+def test_monte_carlo_elbos_loop_over_particles_for_programs_that_do_not_broadcast(spec):
+    from pyro_vae.objectives import make_estimator
+
+    model, guide, x, y = _label_pair()
+    est = make_estimator(spec)
+    loss = est.differentiable_loss(model, guide, x, y=y)
+    assert torch.isfinite(loss) and est.vectorize_particles is False  # Pyro's loop over particles

@@ -28,7 +28,9 @@ __all__ = ["ESTIMATORS", "KLPenaltyObjective", "Objective", "kl_per_dimension", 
            "make_estimator", "parse_spec", "scale_latents"]
 
 
-def _pyro_elbo(cls, K: int = 1, max_plate_nesting: int = 1, **opts):
+def _pyro_elbo(cls, K: int = 1, max_plate_nesting: float = float("inf"), **opts):
+    """Pyro's class with K particles (vectorized; a loop for programs that do not broadcast),
+    the plate nesting guessed at the first call unless given."""
     if opts:
         raise ValueError(f"unexpected options {sorted(opts)}")
     return cls(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=max_plate_nesting)
