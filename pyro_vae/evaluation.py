@@ -47,6 +47,7 @@ from pyro_vae.objectives.base import (
     traces,
 )
 from pyro_vae.objectives.kl import site_kl, site_kls
+from pyro_vae.programs import context_keys
 
 LN2 = math.log(2.0)
 PARTICLE_BLOCK = 128  # particles per seeded noise block; particle chunks are multiples of it
@@ -723,7 +724,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     data = load_run_data(config, dev, test_size, run_dir=run_dir)
     x = data.test
     pyro.set_rng_seed(seed)
-    context = data.context(getattr(model, "context_keys", ()), split="test")  # labels for conditional models
+    context = data.context(context_keys(model, guide), split="test")  # labels for conditional models
     result = evaluate(model, guide, x, k, max_batch_particles, progress, max_memory=max_memory,
                       seed=seed, return_points=True, **context)
     points = result.pop("points")

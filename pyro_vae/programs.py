@@ -118,7 +118,7 @@ class Program(nn.Module):
         """Trace the program once and keep every ``pyro.param`` it reads that the module does
         not already hold (the unconstrained tensor, as Pyro's SVI optimizes it)."""
         own = {id(p) for p in self.parameters()}
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(False):  # the values are checked later, once
             trace = poutine.trace(self.call, param_only=True).get_trace(*args, **kwargs)
         store = pyro.get_param_store()
         for name, site in trace.nodes.items():

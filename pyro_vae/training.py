@@ -198,7 +198,8 @@ def kl_methods(objective, first: dict) -> dict | None:
     if not hasattr(estimator, "kl_methods"):
         return None
     x = first["x"]
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+            pyro.validation_enabled(False):
         return estimator.kl_methods(objective.model, objective.guide, x, **first["context"])
 
 
