@@ -559,6 +559,13 @@ def is_image(config, x_dim: int) -> bool:
     return config.image_shape is not None and math.prod(config.image_shape) == x_dim
 
 
+def data_units(data, array):
+    """``array`` (points, or any (..., features) tensor) in the data's own units: a run trained
+    with ``--standardize`` models standardized features, and what it writes is shown unscaled."""
+    standardization = getattr(data, "standardization", None)
+    return array if standardization is None else standardization.invert(array)
+
+
 def save_arrays(path: Path, array) -> Path:
     """One array as ``.npy`` (float32 numbers, rows first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -578,11 +585,13 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
 
     run_dir = Path(run_dir)
     config, model, guide, device = open_run(run_dir, device, seed, best)
-    data = load_run_data(config, device, test_size=n, train_size=None)
+    data = load_run_data(config, device, test_size=n, train_size=None, run_dir=run_dir)
     x = data.test
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
     r = impute(model, guide, x, observed, steps, burn_in, seed, method, **run_context(model, guide, data))
     baseline = torch.where(observed, x, data.train.mean(0))
+    x, baseline = data_units(data, x), data_units(data, baseline)  # RMSE in the data's own units
+    r["mean"], r["sample"] = data_units(data, r["mean"]), data_units(data, r["sample"])
     figure = Path(figure or run_dir / "figures" / "imputations.png")
     if is_image(config, x.shape[-1]):
         shown = min(len(x), 16)
@@ -614,15 +623,16 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
 
     run_dir = Path(run_dir)
     config, model, guide, device = open_run(run_dir, device, seed, best)
-    test = load_run_data(config, device, test_size=test_size, all_classes=True)
+    test = load_run_data(config, device, test_size=test_size, all_classes=True, run_dir=run_dir)
     x = test.test
     context = run_context(model, guide, test)
     points = None
     if data is not None:  # checked before the long scoring, so a wrong file fails at once
         if context:
             raise ValueError(f"--data has no labels, and this run's model takes {list(context)}: score its test set only")
-        points = load_points(data, x.shape[-1], getattr(model, "likelihood", None)).to(x.device)
-    scores = anomaly_scores(model, guide, x, k, seed, **context)
+        points = load_points(data, x.shape[-1], model=model, standardization=test.standardization).to(x.device)
+    shift = test.standardization.log_jacobian if test.standardization is not None else 0.0
+    scores = anomaly_scores(model, guide, x, k, seed, **context) - shift  # -log p(x) in the data's units
     result: dict = {"k": k, "test_points": len(x), "median_score": float(np.median(scores)),
                     "score_99th_percentile": float(np.percentile(scores, 99))}
     arrays = {"test_scores": scores}
@@ -634,7 +644,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
                       anomalous_points=int((~normal).sum()), auroc_other_classes=auroc(scores[normal], scores[~normal]))
         arrays["test_is_anomalous"] = ~normal
     if points is not None:
-        arrays["data_scores"] = anomaly_scores(model, guide, points, k, seed)
+        arrays["data_scores"] = anomaly_scores(model, guide, points, k, seed) - shift
         result.update(data=str(data), data_points=len(points), auroc_data=auroc(scores, arrays["data_scores"]))
     top = np.argsort(-scores)[:32]
     result["most_anomalous_test_points"] = top.tolist()

@@ -210,7 +210,7 @@ def _written(*paths) -> None:
 def cmd_sample(args) -> int:
     import torch
 
-    from pyro_vae.applications import is_image, prior_samples, run_context, save_arrays
+    from pyro_vae.applications import data_units, is_image, prior_samples, run_context, save_arrays
     from pyro_vae.plots import save_image_grid, save_pairs
 
     config, model, guide, device = _loaded(args)
@@ -236,14 +236,15 @@ def cmd_sample(args) -> int:
         save_image_grid(x, out, config.image_shape, title=f"{args.n} samples from {what}")
         _written(out)
     else:
+        x, grey = data_units(data, x), data_units(data, data.test)
         arrays = save_arrays(Path(args.run) / f"{stem}.npy", x)
-        save_pairs(out, data.test, {"E[x | z], z ~ p(z)": x}, title=f"{args.n} samples from {what} (colour), test points (grey)")
+        save_pairs(out, grey, {"E[x | z], z ~ p(z)": x}, title=f"{args.n} samples from {what} (colour), test points (grey)")
         _written(out, arrays)
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from pyro_vae.applications import is_image, reconstruct, run_context, save_arrays
+    from pyro_vae.applications import data_units, is_image, reconstruct, run_context, save_arrays
     from pyro_vae.plots import save_pairs, save_reconstructions
 
     config, model, guide, device = _loaded(args)
@@ -256,6 +257,7 @@ def cmd_reconstruct(args) -> int:
         save_reconstructions(x, recon, out, config.image_shape)
         _written(out)
     else:
+        x, recon = data_units(data, x), data_units(data, recon)
         arrays = save_arrays(Path(args.run) / "reconstructions.npy", recon)
         save_pairs(out, x, {"E[x' | z = E_q[z|x]]": recon},
                    title=f"{len(x)} test points (grey) and their reconstructions (colour)")
@@ -266,7 +268,7 @@ def cmd_reconstruct(args) -> int:
 def cmd_interpolate(args) -> int:
     import torch
 
-    from pyro_vae.applications import interpolate, is_image, run_context, save_arrays
+    from pyro_vae.applications import data_units, interpolate, is_image, run_context, save_arrays
     from pyro_vae.plots import save_image_grid, save_pairs
 
     config, model, guide, device = _loaded(args)
@@ -285,15 +287,23 @@ def cmd_interpolate(args) -> int:
                         title=f"test pairs (first and last column) and the decoded {args.method} path between their codes")
         _written(out)
     else:
+        path, ends = data_units(data, path), data_units(data, torch.cat([x[a], x[b]]))
         arrays = save_arrays(Path(args.run) / "interpolations.npy", path)
-        save_pairs(out, data.test, {f"decoded {args.method} paths": path, "end points": torch.cat([x[a], x[b]])},
+        save_pairs(out, data_units(data, data.test), {f"decoded {args.method} paths": path, "end points": ends},
                    title=f"{half} paths between the codes of test pairs (colour), test points (grey)")
         _written(out, arrays)
     return 0
 
 
 def cmd_traverse(args) -> int:
-    from pyro_vae.applications import is_image, most_active_dims, run_context, save_arrays, traverse
+    from pyro_vae.applications import (
+        data_units,
+        is_image,
+        most_active_dims,
+        run_context,
+        save_arrays,
+        traverse,
+    )
     from pyro_vae.plots import save_image_grid, save_pairs
 
     config, model, guide, device = _loaded(args)
@@ -312,6 +322,7 @@ def cmd_traverse(args) -> int:
                         title=f"test point {args.index}: latent dims {dims} (rows) from -{args.span:g} to {args.span:g}")
         _written(f"{out} (rows: dimensions {' '.join(map(str, dims))})")
     else:
+        grid, x = data_units(data, grid), data_units(data, x)
         arrays = save_arrays(Path(args.run) / "traversals.npy", grid)
         layers = {f"latent dim {d}": grid[i : i + 1] for i, d in enumerate(dims)}
         save_pairs(out, x, {**layers, f"test point {args.index}": x[row]},

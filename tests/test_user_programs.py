@@ -221,3 +221,20 @@ def test_monte_carlo_elbos_loop_over_particles_for_programs_that_do_not_broadcas
     est = make_estimator(spec)
     loss = est.differentiable_loss(model, guide, x, y=y)
     assert torch.isfinite(loss) and est.vectorize_particles is False  # Pyro's loop over particles
+
+
+def test_standardized_runs_write_in_the_data_units(tmp_path):
+    data = mixture_2d(tmp_path / "points.npy", scale=40.0)
+    run = tmp_path / "run"
+    assert cli("train", "--dataset", data, "--likelihood", "gaussian", "--standardize", "--z-dim", 2,
+               "--epochs", 2, "--out", run, "--quiet") == 0
+    for command in (["sample", "--n", 500], ["reconstruct"], ["eval", "--k", 20, "--quiet"], ["anomaly", "--k", 20]):
+        assert cli(command[0], run, *command[1:]) == 0
+    raw = np.load(data)
+    samples, recon = np.load(run / "samples.npy"), np.load(run / "reconstructions.npy")
+    assert np.abs(samples.std(0) / raw.std(0) - 1).max() < 0.5  # not the standardized unit scale
+    assert np.abs(recon.mean(0) - raw.mean(0)).max() < 0.5 * raw.std(0).max()
+    scores = np.load(run / "anomaly_scores.npz")["test_scores"]
+    log_px = json.loads((run / "eval.json").read_text())["test_log_likelihood"]
+    assert abs(-scores.mean() - log_px) < 0.5  # both -log p(x) in the data's units (k=20 each)
+    assert log_px < -7  # 2-D points of scale ~40: log p(x) includes -2 log 40 of Jacobian
