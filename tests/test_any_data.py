@@ -10,16 +10,16 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro_vae.evaluation import evaluate, evaluate_run
-from pyro_vae.training import train
 from torch import nn
 
 from pyro_vae.checks import DataError, DataScaleWarning, check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Standardization, load_dataset, load_points, load_run_data
+from pyro_vae.evaluation import evaluate, evaluate_run
 from pyro_vae.guides import GaussianGuide
 from pyro_vae.models import VAE, LinearGaussian
 from pyro_vae.run import load_run
+from pyro_vae.training import train
 
 SCALES = torch.tensor([50.0, 0.2, 3.0])
 

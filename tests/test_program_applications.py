@@ -4,6 +4,8 @@ posterior or prior method, and still gets samples, reconstructions, paths, trave
 imputations; and data that are not images (2-D points) go through every command."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -29,48 +31,12 @@ from pyro_vae.applications import (
 from pyro_vae.guides import GaussianGuide
 from pyro_vae.models import VAE
 
-
-class Encoder(nn.Module):
-    def __init__(self, z_dim, hidden_dim):
-        super().__init__()
-        self.fc1, self.fc21, self.fc22 = nn.Linear(784, hidden_dim), nn.Linear(hidden_dim, z_dim), nn.Linear(hidden_dim, z_dim)
-
-    def forward(self, x):
-        hidden = nn.functional.softplus(self.fc1(x.reshape(-1, 784)))
-        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from pyro_example_vae import VAE as PyroExample  # noqa: E402  Pyro's examples/vae/vae.py, re-typed
 
 
-class Decoder(nn.Module):
-    def __init__(self, z_dim, hidden_dim):
-        super().__init__()
-        self.fc1, self.fc21 = nn.Linear(z_dim, hidden_dim), nn.Linear(hidden_dim, 784)
-
-    def forward(self, z):
-        return torch.sigmoid(self.fc21(nn.functional.softplus(self.fc1(z))))
-
-
-class PyroExampleVAE(nn.Module):
-    """Pyro's examples/vae/vae.py, re-typed: nothing in it knows about pyro-vae."""
-
-    def __init__(self, z_dim=10, hidden_dim=200):
-        super().__init__()
-        self.encoder, self.decoder, self.z_dim = Encoder(z_dim, hidden_dim), Decoder(z_dim, hidden_dim), z_dim
-
-    def model(self, x):
-        pyro.module("decoder", self.decoder)
-        with pyro.plate("data", x.shape[0]):
-            z_loc = torch.zeros(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
-            z_scale = torch.ones(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
-            z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
-            loc_img = self.decoder(z)
-            pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1), obs=x.reshape(-1, 784))
-            return loc_img
-
-    def guide(self, x):
-        pyro.module("encoder", self.encoder)
-        with pyro.plate("data", x.shape[0]):
-            z_loc, z_scale = self.encoder(x)
-            pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+def PyroExampleVAE():  # noqa: N802
+    return PyroExample(z_dim=10, hidden_dim=200)
 
 
 @pytest.fixture(scope="module")
