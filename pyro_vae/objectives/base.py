@@ -238,9 +238,10 @@ def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, layo
 _SAID: set = set()
 
 
-def particle_layout(model, guide, args: tuple, kwargs: dict, max_plate_nesting: int) -> str:
-    """VECTORIZED when the programs broadcast over a particle dimension (one trace with two
-    vectorized particles works), else REPEATED: K particles as K copies of the batch. Programs
+def particle_layout(model, guide, args: tuple, kwargs: dict, max_plate_nesting: int,
+                    num_particles: int = 2) -> str:
+    """VECTORIZED when the programs broadcast over a particle dimension (one trace with
+    ``num_particles`` vectorized particles works: the shapes the program will see), else REPEATED: K particles as K copies of the batch. Programs
     written for one particle often do not broadcast (``torch.cat([z, one_hot(y)], -1)`` meets a
     (K, B, D) z and a (B, C) label); repeating the batch gives the same numbers for more memory.
     Said once per program. The probe leaves the random numbers and a ``--jit`` trace alone."""
@@ -250,12 +251,12 @@ def particle_layout(model, guide, args: tuple, kwargs: dict, max_plate_nesting: 
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), pyro.validation_enabled(False):
             try:
-                pair_traces(model, guide, args, kwargs, 2, max_plate_nesting)
+                pair_traces(model, guide, args, kwargs, num_particles, max_plate_nesting)
                 return VECTORIZED
             except (RuntimeError, ValueError, IndexError) as e:
                 vectorized_error = e
             try:
-                pair_traces(model, guide, args, kwargs, 2, max_plate_nesting, REPEATED)
+                pair_traces(model, guide, args, kwargs, num_particles, max_plate_nesting, REPEATED)
             except Exception:  # noqa: BLE001 - the program fails either way: show the first error
                 raise vectorized_error from None
     finally:

@@ -27,12 +27,17 @@ def elbo_value(model_trace, guide_trace):
 class _SyncFreeLoss:
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """Negative surrogate ELBO, averaged over particles; a tensor, never read back."""
-        if self.vectorize_particles and self.num_particles > 1 and not getattr(self, "_layout_known", False):
-            self._choose_particle_layout(model, guide, args, kwargs)
         elbo = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             elbo = elbo + self._surrogate_elbo(model_trace, guide_trace)
         return -elbo / self.num_particles
+
+    def _get_traces(self, model, guide, args, kwargs):
+        """Pyro's traces (every path: ``loss``, ``loss_and_grads``, ``differentiable_loss``),
+        the particle layout chosen first."""
+        if self.vectorize_particles and self.num_particles > 1 and not getattr(self, "_layout_known", False):
+            self._choose_particle_layout(model, guide, args, kwargs)
+        return super()._get_traces(model, guide, args, kwargs)
 
     def _choose_particle_layout(self, model, guide, args, kwargs) -> None:
         """Once: the plate nesting (guessed without touching the random numbers or a ``--jit``
@@ -43,7 +48,7 @@ class _SyncFreeLoss:
         if self.max_plate_nesting == float("inf"):  # Pyro counts the particle plate in
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs) + 1
         plates = self.max_plate_nesting - 1
-        if particle_layout(model, guide, args, kwargs, plates) == REPEATED:
+        if particle_layout(model, guide, args, kwargs, plates, self.num_particles) == REPEATED:
             self.vectorize_particles, self.max_plate_nesting = False, plates  # Pyro's loop over particles
         self._layout_known = True
 

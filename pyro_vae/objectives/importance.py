@@ -127,7 +127,7 @@ class ImportanceWeightedELBO(ELBO):
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs) + 1
         if self.layout is None:
-            self.layout = particle_layout(model, guide, args, kwargs, self.max_plate_nesting - 1)
+            self.layout = particle_layout(model, guide, args, kwargs, self.max_plate_nesting - 1, self.num_particles)
         return self.max_plate_nesting - 1
 
     def _guide_trace(self, guide, args, kwargs, plates):
