@@ -246,7 +246,7 @@ def test_data_plate_under_a_feature_plate_keeps_one_weight_per_data_point(name):
 
 # -- 4. the particle plate ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("k", [2, 5])
 @pytest.mark.parametrize("given", [None, 1, 2])
 def test_particle_plate_sits_left_of_every_plate_for_any_k(k, given):
     x = torch.tensor([0.5, -1.0, 2.0])
@@ -257,6 +257,16 @@ def test_particle_plate_sits_left_of_every_plate_for_any_k(k, given):
     plates = 1 if given is None else given
     assert frame.dim == -(plates + 1) == -estimator.max_plate_nesting
     assert model_trace.nodes["z"]["value"].shape == (k,) + (1,) * (plates - 1) + (3,)
+
+
+def test_one_particle_needs_no_particle_plate():
+    """K = 1 traces the programs as they are, as Pyro's ELBOs do: no plate of size 1 to collide
+    with a program's own dims (Pyro's test_plate_param_size_mismatch_error)."""
+    x = torch.tensor([0.5, -1.0, 2.0])
+    estimator = make_estimator("iwae:K=1")
+    model_trace, _ = estimator._get_trace(global_model, global_guide, (x,), {})
+    assert all(f.name != PARTICLE_PLATE for f in model_trace.nodes["z"]["cond_indep_stack"])
+    assert model_trace.nodes["z"]["value"].shape == (3,)
 
 
 # -- 5. model/guide validation -----------------------------------------------------------------

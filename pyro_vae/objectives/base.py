@@ -11,9 +11,10 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_site_shape
+from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
@@ -221,12 +222,31 @@ def pair_traces(model, guide, args: tuple, kwargs: dict, num_particles: int, max
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         model_trace.repeated_particles = guide_trace.repeated_particles = num_particles
-        return model_trace, guide_trace
-    guide_trace = poutine.trace(vectorize(guide, num_particles, max_plate_nesting)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(
-        poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=guide_trace)
-    ).get_trace(*args, **kwargs)
+    else:
+        guide_trace = poutine.trace(vectorize(guide, num_particles, max_plate_nesting)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(vectorize(model, num_particles, max_plate_nesting), trace=guide_trace)
+        ).get_trace(*args, **kwargs)
+    if is_validation_enabled():  # as Pyro's get_importance_trace: once before training, not in the loop
+        validate_traces(model_trace, guide_trace, max_plate_nesting + (layout != REPEATED))
     return model_trace, guide_trace
+
+
+def validate_traces(model_trace, guide_trace, max_plate_nesting) -> None:
+    """Pyro's checks of a model/guide trace pair (``pyro.util.check_model_guide_match``: the
+    guide's sites exist in the model with the same event dims, a warning for extra guide sites;
+    ``check_site_shape``: batch shapes agree with the plates), and the guide's sites must say
+    whether they are reparameterized (``pyro.factor`` in a guide has no ``has_rsample``)."""
+    check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob()  # the distributions' own value checks, and the shapes checked next
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                check_site_shape(site, max_plate_nesting)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and getattr(site["fn"], "has_rsample", None) is None:
+            raise ValueError(f"guide site {name!r} ({type(site['fn']).__name__}) has a missing specification "
+                             f"of has_rsample: a guide samples distributions (pyro.factor belongs in the model)")
 
 
 def traces(model, guide, x, num_particles: int, max_plate_nesting: int = 1, layout: str = VECTORIZED,
@@ -377,12 +397,15 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
     latents = [s for t in (model_trace, guide_trace) for s in t.nodes.values() if _is_latent(s)]
     per_point = data is not None and all(data.name in _plates(s) for s in latents)
     scale = _observed_scale(model_trace) if per_point else 1.0
-    if particle is None:  # REPEATED layout: rows j * B + i; a singleton particle dim left of the data
-        if not per_point:
+    if particle is None:  # REPEATED layout: rows j * B + i; a singleton particle dim left of every plate
+        if not per_point and repeats > 1:
             raise ValueError("the model has a latent outside the data plate and does not "
                              "broadcast over particles: its particles cannot be drawn by repeating the batch. "
                              "Make the program broadcast (e.g. expand labels to z's batch shape), or use K=1")
-        particle = _Frame(dim=data.dim - 1, size=1)
+        particle = _Frame(dim=-1 - max((len(site["fn"].batch_shape) for t in (model_trace, guide_trace)
+                                        for site in t.nodes.values()
+                                        if site["type"] == "sample" and not site_is_subsample(site)), default=0),
+                          size=1)
     shape = (particle.size, data.size if per_point else 1)
     data_dim = data.dim if per_point else None
 

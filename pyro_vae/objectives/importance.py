@@ -126,6 +126,8 @@ class ImportanceWeightedELBO(ELBO):
         and, once, how the particles are laid out (``particle_layout``)."""
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs) + 1
+        if self.layout is None and self.num_particles == 1:
+            self.layout = REPEATED  # one particle: no particle plate at all, as Pyro's ELBOs at K = 1
         if self.layout is None:
             self.layout = particle_layout(model, guide, args, kwargs, self.max_plate_nesting - 1, self.num_particles)
         return self.max_plate_nesting - 1
@@ -248,6 +250,8 @@ def _weight_buffer(site) -> torch.Tensor:
 def _weights_like(w: torch.Tensor, buffer: torch.Tensor, event_dim: int, weights: ImportanceWeights) -> torch.Tensor:
     """(K, B) weights placed at the particle and data dims of ``buffer`` and broadcast to it
     (in the REPEATED layout the data dim holds the K * B rows, particle-major)."""
+    if w.shape[0] == 1:  # one particle: its normalized weight is 1
+        return w.new_ones(()).expand(buffer.shape)
     shape = [1] * buffer.dim()
     if weights.data_dim is not None and buffer.shape[weights.data_dim - event_dim] == w.numel() != w.shape[1]:
         shape[weights.data_dim - event_dim] = w.numel()
