@@ -528,9 +528,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 # a run directory (what `pyro-vae sample`, `impute`, `anomaly`, ... call)
 
 
-def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False):
+def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False, trust_code: bool = False):
     """(config, model, guide, device) of a run with Pyro's RNG seeded: what every command that
-    reads a run starts from."""
+    reads a run starts from (``trust_code``: see ``pyro_vae.run.load_run``)."""
     import pyro
 
     from pyro_vae.run import load_run
@@ -538,7 +538,7 @@ def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False):
 
     pyro.set_rng_seed(seed)
     device = resolve_device(device)
-    config, model, guide = load_run(run_dir, device, best=best)
+    config, model, guide = load_run(run_dir, device, best=best, trust_code=trust_code)
     return config, model, guide, torch.device(device)
 
 
@@ -575,7 +575,7 @@ def save_arrays(path: Path, array) -> Path:
 
 def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: int = 100, steps: int = 500,
                burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None,
-               best: bool = False) -> dict:
+               best: bool = False, trust_code: bool = False) -> dict:
     """``impute`` on the first n test points of a run with ``missing`` features removed; writes
     ``RUN/impute.json`` (RMSE beside the training-mean baseline, acceptance) and a figure
     (default ``RUN/figures/imputations.png``: for images input, truth, E[x_m | x_o] and one draw;
@@ -584,7 +584,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
     from pyro_vae.plots import save_image_grid, save_pairs
 
     run_dir = Path(run_dir)
-    config, model, guide, device = open_run(run_dir, device, seed, best)
+    config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     data = load_run_data(config, device, test_size=n, train_size=None, run_dir=run_dir)
     x = data.test
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
@@ -611,7 +611,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
 
 
 def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, seed: int = 0,
-                device: str = "auto", figure=None, best: bool = False) -> dict:
+                device: str = "auto", figure=None, best: bool = False, trust_code: bool = False) -> dict:
     """``anomaly_scores`` of a run's whole test set (every class, even those left out of training
     with ``classes``) and, with ``data`` (a .npy/.pt file), of those points. Reports the AUROC of
     the classes not trained on against those trained on, and of ``data`` against the test set.
@@ -622,7 +622,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     from pyro_vae.plots import save_image_grid, save_pairs
 
     run_dir = Path(run_dir)
-    config, model, guide, device = open_run(run_dir, device, seed, best)
+    config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     test = load_run_data(config, device, test_size=test_size, all_classes=True, run_dir=run_dir)
     x = test.test
     context = run_context(model, guide, test)
@@ -663,7 +663,8 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     return result
 
 
-def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str = "auto", best: bool = False) -> dict:
+def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str = "auto", best: bool = False,
+                  trust_code: bool = False) -> dict:
     """Representation learning: the test accuracy of a linear probe (``linear_probe``) on the
     codes E_q[z|x] (``latent_codes``, every site side by side) of a run's training and test
     data, with ``labels`` labelled training rows each (balanced over classes), beside the same
@@ -671,7 +672,7 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     from pyro_vae.data import load_run_data
 
     run_dir = Path(run_dir)
-    config, model, guide, device = open_run(run_dir, device, seed, best)
+    config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     data = load_run_data(config, device, train_size=config.train_size)
     if data.train_labels is None or data.test_labels is None:
         raise ValueError(f"a linear probe needs labels, and {config.dataset!r} has none")

@@ -60,6 +60,16 @@ TRAIN_FLAGS = {
 }
 
 
+# settings a --resume may change; every other setting defines the run's model or data
+RESUMABLE = ("epochs", "lr", "lr_decay", "clip_grad", "early_stopping", "device", "jit", "amp", "tensorboard",
+             "data_dir")
+
+
+TRUST_HELP = ("import the model and guide that RUN/config.json names by import path (package.module:Class), "
+              "from installed packages and PYTHONPATH only; without it such a run is refused, since "
+              "importing runs that code. Built-in names need no flag")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from pyro_vae.config import TrainConfig
 
@@ -89,6 +99,39 @@ def _train_config(args):
         options = getattr(config, f"{kind}_options")
         options.update(_key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option"))
     return config
+
+
+def _resume_config(args):
+    """The run's config with the flags (and --config keys) a resume may change; a flag that would
+    change the run's model or data is refused by name."""
+    import tomllib
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.run import load_config
+
+    run = args.resume
+    if args.out and Path(args.out).resolve() != Path(run).resolve():
+        raise ValueError(f"--resume {run} continues that run in place: leave out --out {args.out} "
+                         f"(or start a new run with --out alone)")
+    config = load_config(run)
+    given = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            given.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+    given.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    changed = {k: v for k, v in given.items() if k not in TRAIN_FLAGS or getattr(config, k) != v}
+    for kind in ("model", "guide"):
+        options = _key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option")
+        if any(getattr(config, f"{kind}_options").get(k) != v for k, v in options.items()):
+            raise ValueError(f"--{kind}-option cannot change on --resume: it defines the run's {kind}; "
+                             f"start a new run with --out")
+    for key, value in changed.items():
+        if key not in RESUMABLE:
+            flag = "--" + key.replace("_", "-")
+            was = getattr(config, key, None)
+            raise ValueError(f"{flag} cannot change on --resume: it defines the run's model or data ({run} has "
+                             f"{key} = {was!r}, given {value!r}); start a new run with --out, or leave out {flag}")
+    return TrainConfig.from_dict({**config.to_dict(), **changed})  # checked as a new config is
 
 
 def _key_values(items, flag: str) -> dict:
@@ -125,28 +168,28 @@ def _launch_torchrun(args) -> int:
 def cmd_train(args) -> int:
     import os
 
-    from pyro_vae.run import load_config
-    from pyro_vae.training import train
+    from pyro_vae.run import import_run_code
+    from pyro_vae.training import TrainingInterrupted, train
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
 
     if args.resume:
-        config = load_config(args.resume)
-        overrides = {k: getattr(args, k) for k in ("epochs", "device") if getattr(args, k) is not None}
-        for k, v in overrides.items():
-            setattr(config, k, v)
+        config = _resume_config(args)
         run_dir = Path(args.resume)
+        import_run_code(config, run_dir, args.trust_code)  # the run names code: only with --trust-code
     else:
         config = _train_config(args)
         run_dir = Path(args.out or f"runs/{config.model}-{config.estimator.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        train(config, run_dir, resume=bool(args.resume), quiet=args.quiet)
-        if int(os.environ.get("RANK", "0")) != 0:
+        train(config, run_dir, resume=bool(args.resume), quiet=args.quiet, overwrite=args.overwrite)
+        if not main_rank:
             return 0
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last finished epoch is saved in {run_dir}; continue with "
-              f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if main_rank:
+            said = str(e) if isinstance(e, TrainingInterrupted) else "interrupted: nothing was saved"
+            print(f"\n{said}", file=sys.stderr)
         return 130
     finally:
         import torch.distributed
@@ -162,7 +205,8 @@ def cmd_eval(args) -> int:
 
     r = evaluate_run(args.run, k=args.k, device=args.device, seed=args.seed, test_size=args.test_size,
                      max_batch_particles=args.max_batch_particles, progress=not args.quiet,
-                     max_memory=args.max_memory, export_points=args.export_points, best=args.best)
+                     max_memory=args.max_memory, export_points=args.export_points, best=args.best,
+                     trust_code=args.trust_code)
     print(format_eval_table(r))
     print(f"written to {Path(args.run) / 'eval.json'}")
     return 0
@@ -192,7 +236,7 @@ def _loaded(args):
     """(config, model, guide, device) of the run a command reads."""
     from pyro_vae.applications import open_run
 
-    return open_run(args.run, args.device, args.seed, args.best)
+    return open_run(args.run, args.device, args.seed, args.best, getattr(args, "trust_code", False))
 
 
 def _test_data(config, device, n=None):
@@ -335,7 +379,7 @@ def cmd_impute(args) -> int:
     from pyro_vae.applications import impute_run
 
     r = impute_run(args.run, args.missing, args.fraction, args.n, args.steps, args.burn_in, args.method,
-                   args.seed, args.device, args.out, args.best)
+                   args.seed, args.device, args.out, args.best, args.trust_code)
     print(f"RMSE on the missing features: {r['rmse_imputed_mean']:.4f} (the training mean: "
           f"{r['rmse_training_mean']:.4f}); acceptance {r['acceptance']:.2f}")
     print(f"written: {Path(args.run) / 'impute.json'}, {r['figure']}")
@@ -345,7 +389,8 @@ def cmd_impute(args) -> int:
 def cmd_anomaly(args) -> int:
     from pyro_vae.applications import anomaly_run
 
-    r = anomaly_run(args.run, args.k, args.data, args.test_size, args.seed, args.device, args.out, args.best)
+    r = anomaly_run(args.run, args.k, args.data, args.test_size, args.seed, args.device, args.out, args.best,
+                    args.trust_code)
     if "auroc_other_classes" in r:
         print(f"AUROC, test classes outside {r['trained_classes']} against those inside: {r['auroc_other_classes']:.4f}")
     if "auroc_data" in r:
@@ -358,7 +403,7 @@ def cmd_anomaly(args) -> int:
 def cmd_represent(args) -> int:
     from pyro_vae.applications import represent_run
 
-    r = represent_run(args.run, args.labels, args.seed, args.device, args.best)
+    r = represent_run(args.run, args.labels, args.seed, args.device, args.best, args.trust_code)
     print(f"linear-probe test accuracy ({r['test_points']} test points): codes E_q[z|x] ({r['latent_dims']} dims) "
           f"against the raw features ({r['raw_dims']})")
     print(f"{'labels':>7} {'codes':>7} {'raw':>7}")
@@ -432,7 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     t.add_argument("--config", help="a TOML file of the same keys as the flags (flags win)")
     t.add_argument("--out", help="run directory (default runs/MODEL-ESTIMATOR-TIME)")
-    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN (--epochs may extend it)")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in RUN; of the settings, only "
+                   + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE) + " may change (e.g. --epochs "
+                   "extends it, a lower --lr after a divergence); the others define the run and are refused")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its files are removed once the new run has started)")
+    t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.add_argument("--nproc", type=int, help="train with N processes (DistributedDataParallel through "
                    "torchrun; gloo on CPU, nccl on CUDA). Multi-node: run torchrun yourself")
@@ -445,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--best", action="store_true",
                        help="use the best validation epoch's weights (RUN/best.pt) instead of the last epoch's")
+        s.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
         s.set_defaults(func=func)
         return s
 

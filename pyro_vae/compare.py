@@ -148,7 +148,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
         t0 = time.perf_counter()
         metrics = train(cfg, run_dir, quiet=quiet, dataset=dataset)
         memory, memory_kind = _peak_memory_mb(device)
-        _, model, guide = load_run(run_dir, device)
+        _, model, guide = load_run(run_dir, device, trust_code=True)  # the caller's own config, just trained
         pyro.set_rng_seed(cfg.seed)
         ev = evaluate(model, guide, dataset.test, k)
         pyro.set_rng_seed(cfg.seed)

@@ -710,17 +710,19 @@ def posterior_inference_data(model, guide, x, indices, num_draws: int = 1000, se
 def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed: int = 0,
                  test_size: int | None = None, max_batch_particles: int = 100_000,
                  progress: bool = False, *, max_memory=None, export_points=(0, 1, 2, 3),
-                 export_draws: int = 1000, figures: bool = True, best: bool = False) -> dict:
+                 export_draws: int = 1000, figures: bool = True, best: bool = False,
+                 trust_code: bool = False) -> dict:
     """Evaluate a run's checkpoint on its test set; write ``RUN/eval.json`` (every figure),
     ``RUN/posterior.nc`` (ArviZ InferenceData for ``export_points``) and the figures
-    ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``."""
+    ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``. A run that names its programs
+    by import path needs ``trust_code=True`` (see ``pyro_vae.run.load_run``)."""
     from pyro_vae.data import load_run_data
     from pyro_vae.run import FIGURES, atomic_write, load_run
     from pyro_vae.training import resolve_device
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    config, model, guide = load_run(run_dir, dev, best=best)
+    config, model, guide = load_run(run_dir, dev, best=best, trust_code=trust_code)
     data = load_run_data(config, dev, test_size, run_dir=run_dir)
     x = data.test
     pyro.set_rng_seed(seed)

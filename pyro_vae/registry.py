@@ -45,7 +45,7 @@ class Registry:
         )
 
 
-def import_object(path: str, kind: str = "object"):
+def import_object(path: str, kind: str = "object", implicit_paths_removed: bool = False):
     """Import ``package.module:attr``, with an error that says what went wrong."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
@@ -53,9 +53,11 @@ def import_object(path: str, kind: str = "object"):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
+        where = (" (a run's code is never imported from the run directory or the current directory)"
+                 if implicit_paths_removed else "")
         raise UnknownNameError(
             f"cannot import module {module_name!r} for {kind} {path!r}: {e}. "
-            f"Is the package installed, or its folder on PYTHONPATH?"
+            f"Is the package installed, or its folder on PYTHONPATH?{where}"
         ) from e
     try:
         return getattr(module, attr)

@@ -32,8 +32,12 @@ from pyro_vae.programs import context_keys as program_context_keys
 from pyro_vae.run import (
     BEST,
     FIGURES,
+    RunClaim,
+    RunDirError,
     atomic_write,
     best_epoch,
+    claim_run_dir,
+    code_paths,
     load_checkpoint,
     read_metrics,
     rng_state,
@@ -47,6 +51,10 @@ from pyro_vae.schedules import KLSchedule
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what was saved."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -85,18 +93,40 @@ def accuracy(guide, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 100
     return hits / len(x)
 
 
-def _diverged(epoch: int, step: int, loss: float, run_dir: Path, config: TrainConfig) -> TrainingDiverged:
+def _diverged(epoch: int, step: int, loss: float, claim: RunClaim, config: TrainConfig) -> TrainingDiverged:
+    run_dir = claim.run_dir
     hints = [f"a lower --lr (now {config.lr:g})"]
+    flags = [f"--lr {config.lr / 10:g}"]
     if not config.clip_grad:
         hints.append("--clip-grad 10")
+        flags.append("--clip-grad 10")
     if config.likelihood == "gaussian":
         hints.append("a less flexible likelihood (the learned Gaussian scale can collapse)")
+    where = f"training diverged: the loss is {loss} at epoch {epoch}, step {step}."
+    if claim.saved_epoch is None:
+        return TrainingDiverged(f"{where} No checkpoint was saved (no epoch finished), so there is nothing to "
+                                f"resume: train again with {', '.join(hints)}.")
+    trust = " --trust-code" if code_paths(config) else ""
     return TrainingDiverged(
-        f"training diverged: the loss is {loss} at epoch {epoch}, step {step}. The last good "
-        f"checkpoint (epoch {epoch - 1}) is kept in {run_dir}. Try {', '.join(hints)}, then "
-        f"`pyro-vae train --resume {run_dir}`."
+        f"{where} The last good checkpoint (epoch {claim.saved_epoch}) is kept in {run_dir}. Try "
+        f"{', '.join(hints)}: `pyro-vae train --resume {run_dir} {' '.join(flags)}{trust}`."
     )
 
+
+def _interrupted(claim: RunClaim, config: TrainConfig, removed: bool) -> TrainingInterrupted:
+    run_dir = claim.run_dir
+    if claim.saved_epoch is None:
+        return TrainingInterrupted(
+            "interrupted before the first epoch finished: nothing was saved, and there is no run to resume"
+            + (f" ({run_dir} removed)" if removed else ""))
+    trust = " --trust-code" if code_paths(config) else ""
+    return TrainingInterrupted(f"interrupted: epoch {claim.saved_epoch} is saved in {run_dir}; continue with "
+                               f"`pyro-vae train --resume {run_dir}{trust}`")
+
+
+def _first_nonfinite(losses: torch.Tensor) -> int:
+    """The step (from 1) of the first non-finite loss among the epoch's per-step losses."""
+    return int((~torch.isfinite(losses)).nonzero()[0, 0]) + 1
 
 
 def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedule, epoch: int,
@@ -108,7 +138,8 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     The epoch's permutation comes from (seed, epoch) alone, so every process of a distributed
     run cuts the same global batches and each takes its own shard of each.
 
-    Raises FloatingPointError(step, loss) when the loss is not finite (checked when read back).
+    Raises FloatingPointError(step, loss) at the first step whose loss is not finite (checked when
+    read back; the per-step losses stay on the device until then).
     Pyro's and torch's argument validation is off inside the loop: each check reads a tensor
     back to the host. The data were validated once before training.
     """
@@ -116,6 +147,7 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     params = [p for p in objective.parameters() if p.requires_grad]
     batches = dataset.epoch_batches(batch_size, epoch_generator(seed, epoch, dataset.train.device), labelled_every)
     total = torch.zeros((), device=dataset.train.device)
+    losses = torch.empty(len(batches), device=dataset.train.device)  # to find the first non-finite step
     grad_norm = None
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     with pyro.validation_enabled(False):
@@ -129,14 +161,17 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
             optimizer.step()
             total += loss.detach()
+            losses[step - 1] = loss.detach()
             if progress and step % log_every == 0:
                 value = float(loss)
                 if not math.isfinite(value):
-                    raise FloatingPointError(step, value)
+                    first = _first_nonfinite(losses[:step])
+                    raise FloatingPointError(first, float(losses[first - 1]))
                 bar.set_postfix(loss=f"{value:.2f}", **{k: f"{v:.3g}" for k, v in kl_weights.items()})
     mean = float(total) / len(batches)
     if not math.isfinite(mean):
-        raise FloatingPointError(len(batches), mean)
+        first = _first_nonfinite(losses)
+        raise FloatingPointError(first, float(losses[first - 1]))
     return mean, kl_weights, (None if grad_norm is None else float(grad_norm))
 
 
@@ -153,7 +188,7 @@ class TensorBoard:
 
     def log(self, epoch: int, row: dict, model) -> None:
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)):
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, epoch)
         if self.image_shape and hasattr(model, "sample"):
             from torchvision.utils import make_grid
@@ -224,12 +259,31 @@ def train(
     quiet: bool = False,
     dataset: Dataset | None = None,
     log_every: int = 50,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns the metrics rows.
 
-    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    A folder that already holds a run is refused unless ``resume`` or ``overwrite`` is given;
+    with ``overwrite`` the old run's files are removed only once the new model, guide and data
+    agree. ``RUN/.lock`` keeps a second training out while this one writes. Under torchrun
+    every process calls this; rank 0 alone writes the run directory. On Ctrl-C it raises
+    ``TrainingInterrupted``, whose message says what was saved; a training that saved no epoch
+    leaves nothing behind.
     """
-    run_dir = Path(run_dir)
+    claim = claim_run_dir(run_dir, overwrite, resume)  # refuses before any work
+    try:
+        return _train(config, claim, quiet, dataset, log_every)
+    except BaseException as e:
+        removed = claim.discard() and claim.created
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, TrainingInterrupted):
+            raise _interrupted(claim, config, removed) from None
+        raise
+    finally:
+        claim.release()
+
+
+def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset | None, log_every: int) -> list[dict]:
+    run_dir, resume = claim.run_dir, claim.resume
     device = resolve_device(config.device)
     world = World.from_env(device)
     device = world.device(device)
@@ -273,8 +327,16 @@ def train(
     evaluator = objective
     if world.size > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    refusal = None
     if world.is_main:  # only now that model, guide and data agree: nothing is written before
-        (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
+        try:
+            claim.take()  # lock; with --overwrite, remove the old run's files
+            (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
+        except RunDirError as e:
+            refusal = str(e)
+    refusal = world.gather(refusal)[0]  # every rank stops if rank 0 may not write
+    if refusal is not None:
+        raise RunDirError(refusal)
 
     start_epoch, metrics = 1, []
     if resume:
@@ -284,6 +346,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
+        claim.saved_epoch = state["epoch"]
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     if config.early_stopping and dataset.valid is None:
         raise ValueError(f"--early-stopping {config.early_stopping} watches the validation split: "
@@ -308,12 +371,15 @@ def train(
                 context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}",
                 seed=config.seed, world=world, labelled_every=config.labelled_every)
         except FloatingPointError as e:
-            raise _diverged(epoch, e.args[0], e.args[1], run_dir, config) from None
+            raise _diverged(epoch, e.args[0], e.args[1], claim, config) from None
         train_loss = world.weighted_mean(train_loss, 1.0)
         evaluator.eval()
         test_loss = _sharded_loss(evaluator, dataset, "test", context_keys, world)
         row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": lr}
+               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": lr,
+               # the settings a --resume may change, as this epoch ran
+               "clip_grad": config.clip_grad, "early_stopping": config.early_stopping, "device": str(device),
+               "jit": config.jit, "amp": config.amp}
         if hasattr(guide, "classify") and dataset.test_labels is not None:
             row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
             if dataset.valid_labels is not None:  # for choosing the epoch without the test set
@@ -336,6 +402,7 @@ def train(
                 state = {"model": model.state_dict(), "guide": guide.state_dict(), "epoch": epoch,
                          "criterion": best[1], "value": best[2]}
                 atomic_write(run_dir / BEST, lambda p, s=state: torch.save(s, p))
+        claim.saved_epoch = epoch
         if board:
             board.log(epoch, row, model)
         world.barrier()

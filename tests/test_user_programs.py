@@ -46,10 +46,10 @@ def test_pyro_example_pair_trains_and_evaluates_by_import_path(tmp_path):
                "--out", run, "--quiet") == 0
     config = json.loads((run / "config.json").read_text())
     assert config["model_options"] == {"hidden_dim": 64}
-    assert cli("eval", run, "--k", 50, "--quiet") == 0
+    assert cli("eval", run, "--k", 50, "--quiet", "--trust-code") == 0
     r = json.loads((run / "eval.json").read_text())
     assert r["test_elbo"] <= r["test_log_likelihood"] < -100  # nats per 784 binary pixels
-    _, model, guide = pyro_vae.load_run(run)
+    _, model, guide = pyro_vae.load_run(run, trust_code=True)
     assert isinstance(model, Program) and model.owner is guide.owner  # one VAE serves both methods
     assert model.owner.decoder.fc1.out_features == 64
 
@@ -83,12 +83,12 @@ def test_functions_with_pyro_param_train_save_and_load(tmp_path):
                                                   dataset=str(data), likelihood="gaussian", epochs=3,
                                                   estimator="elbo"), run, quiet=True)
     assert metrics[-1]["test_loss"] < metrics[0]["test_loss"] - 1.0
-    config, model, guide = pyro_vae.load_run(run)
+    config, model, guide = pyro_vae.load_run(run, trust_code=True)
     noise = pyro.param("noise")
     assert "noise" in model.found and abs(float(noise.detach()) - 0.5) > 0.01  # the learned value, reloaded
     x = torch.as_tensor(np.load(data))[:200]
     a = pyro_vae.evaluate(model, guide, x, k=64, psis=False)["test_log_likelihood"]
-    _, model2, guide2 = pyro_vae.load_run(run)
+    _, model2, guide2 = pyro_vae.load_run(run, trust_code=True)
     b = pyro_vae.evaluate(model2, guide2, x, k=64, psis=False)["test_log_likelihood"]
     assert a == pytest.approx(b, abs=1e-6)
 
