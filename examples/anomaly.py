@@ -42,7 +42,7 @@ for digit in args.digits:
     run = Path(args.out) / f"without-{digit}"
     config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs, jit=True,
                                         classes=[c for c in range(10) if c != digit], device=str(device), seed=0))
-    train(config, run, quiet=True)
+    train(config, run, quiet=True, overwrite=True)
     _, model, guide = load_run(run, device)
     torch.manual_seed(0)
     scores = anomaly_scores(model, guide, test.test, k=args.k)

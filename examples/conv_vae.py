@@ -24,7 +24,7 @@ args = p.parse_args()
 config = TrainConfig.from_dict(dict(dataset=args.dataset, train_size=args.train_size, test_size=1000, net="conv",
                                     likelihood="discretized-logistic", z_dim=16, hidden=[256],
                                     init_output_bias=True, epochs=args.epochs, device="cpu"))
-train(config, args.out)
+train(config, args.out, overwrite=True)
 config, model, guide = load_run(args.out)
 data = load_dataset(config.dataset, "cpu", train_size=1, test_size=1000)
 r = evaluate(model, guide, data.test, k=100)

@@ -38,7 +38,7 @@ print(f"classifier: test accuracy {accuracy(classifier, grey.test, grey.test_lab
 config = TrainConfig.from_dict(dict(dataset="binarized-mnist", model="cvae", guide="conditional", z_dim=args.z_dim,
                                     hidden=args.hidden, epochs=args.epochs, train_size=args.train_size, seed=0,
                                     device=str(device)))
-rows = train(config, args.out, quiet=True)
+rows = train(config, args.out, quiet=True, overwrite=True)
 _, model, _ = load_run(args.out, device)
 torch.manual_seed(0)
 frac = class_fidelity(model, classifier, grey.num_classes, args.n)

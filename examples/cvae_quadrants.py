@@ -85,7 +85,7 @@ for q in args.quadrants:
                                         hidden=args.hidden, activation="relu", epochs=args.epochs, batch_size=128,
                                         lr=1e-3, seed=0, device=str(device), train_size=args.train_size,
                                         test_size=args.test_size, model_options={"quadrants": q}))
-    train(config, run, quiet=True, dataset=data)
+    train(config, run, quiet=True, overwrite=True, dataset=data)
     _, model, guide = load_run(run, device)
     torch.manual_seed(0)
     elbo10 = evaluate(model, guide, x_test, k=10)["test_elbo"]

@@ -33,7 +33,7 @@ device = resolve_device(args.device)
 run = Path(args.out)
 config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs, jit=True,
                                     device=str(device), seed=0))
-train(config, run, quiet=True)
+train(config, run, quiet=True, overwrite=True)
 _, model, guide = load_run(run, device)
 data = load_dataset("binarized-mnist", device, test_size=args.n)
 x = data.test

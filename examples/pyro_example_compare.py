@@ -37,9 +37,9 @@ def main(argv=None):
             z_dim=50, estimator=spec, epochs=args.epochs, train_size=args.train_size,
             test_size=args.test_size, batch_size=100, lr=1e-3, seed=0)
         t0 = time.perf_counter()
-        metrics = pyro_vae.train(config, run, quiet=True)
+        metrics = pyro_vae.train(config, run, quiet=True, overwrite=True)
         seconds = (time.perf_counter() - t0) / args.epochs
-        config, model, guide = pyro_vae.load_run(run)
+        config, model, guide = pyro_vae.load_run(run, trust_code=True)  # our own config, just trained
         x = load_run_data(config, "cpu").test
         r = pyro_vae.evaluate(model, guide, x, k=args.k, psis=False)
         rows.append((spec, metrics[-1]["test_loss"], r["test_elbo"], r["test_log_likelihood"], seconds))

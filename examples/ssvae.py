@@ -35,7 +35,7 @@ for n in args.labels:
     config = TrainConfig.from_dict(dict(dataset="mnist", validation=10000, train_size=args.train_size, model="ssvae", guide="ssvae",
                                         estimator="enum", labels=n, labelled_every=args.labelled_every, z_dim=50, hidden=[500], activation="softplus",
                                         epochs=args.epochs, batch_size=200, lr=args.lr, lr_decay=args.lr_decay, seed=0, device=args.device))
-    rows = train(config, f"{args.out}-{n}", quiet=True)
+    rows = train(config, f"{args.out}-{n}", quiet=True, overwrite=True)
     chosen = max(rows, key=lambda r: r["valid_accuracy"])
     print(f"labels {n:5d}: test accuracy {chosen['test_accuracy']:.4f} at epoch {chosen['epoch']} of "
           f"{args.epochs} (best validation {chosen['valid_accuracy']:.4f}; last epoch {rows[-1]['test_accuracy']:.4f}); "

@@ -5,7 +5,7 @@ The Python API in one import::
     import pyro_vae
     config = pyro_vae.TrainConfig(model="mypkg.vae:VAE", guide="mypkg.vae:VAE", epochs=10)
     pyro_vae.train(config, "runs/mine")                      # a run directory
-    config, model, guide = pyro_vae.load_run("runs/mine")
+    config, model, guide = pyro_vae.load_run("runs/mine", trust_code=True)  # it names mypkg's code
     pyro_vae.evaluate(model, guide, x, k=1000)["test_log_likelihood"]
     objective = pyro_vae.Objective(model, guide, pyro_vae.make_estimator("iwae:K=5"))
 

@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
             return 0
     except KeyboardInterrupt as e:
         if main_rank:
-            said = str(e) if isinstance(e, TrainingInterrupted) else "interrupted: nothing was saved"
+            said = str(e) if isinstance(e, TrainingInterrupted) else "interrupted: nothing was written"
             print(f"\n{said}", file=sys.stderr)
         return 130
     finally:
@@ -418,16 +418,18 @@ def cmd_demo(args) -> int:
     from pyro_vae.config import TrainConfig
     from pyro_vae.evaluation import evaluate_run
     from pyro_vae.plots import save_training_curve
-    from pyro_vae.run import read_metrics
+    from pyro_vae.run import RunDirError, holds_run, read_metrics
     from pyro_vae.training import train
 
     run = Path(args.out)
+    if holds_run(run) and not args.overwrite:
+        raise RunDirError(f"{run} already holds a run: replace it with --overwrite, or give another --out")
     config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,
                                         batch_size=100, lr=1e-3, estimator="elbo", seed=0, device=args.device,
                                         jit=True))
     t0 = time.perf_counter()
     print(f"training the iwae1 VAE (784-200-200-50, tanh) on binarized MNIST for {args.epochs} epochs ...")
-    train(config, run, quiet=args.quiet)
+    train(config, run, quiet=args.quiet, overwrite=args.overwrite)
     print(f"evaluating log p(x) on the 10,000 test images with k={args.k} importance samples ...")
     result = evaluate_run(run, k=args.k, device=args.device, progress=not args.quiet)
     ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None, label=None, best=False,
@@ -458,7 +460,7 @@ def cmd_compare(args) -> int:
     config = _train_config(args)
     out = Path(args.out)
     rows = compare(config, args.estimators, out, k=args.k, snr_repeats=args.snr_repeats,
-                   snr_ks=args.snr_k, quiet=args.quiet)
+                   snr_ks=args.snr_k, quiet=args.quiet, overwrite=args.overwrite)
     width = max(len(r["estimator"]) for r in rows)
     print(f"{'estimator':<{width}}  test log p(x)  test bound  s/epoch")
     for r in rows:
@@ -569,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--snr-repeats", type=int, default=100, help="gradient draws per SNR estimate")
     c.add_argument("--snr-k", type=int, nargs="+", default=[1, 5, 50], help="K values of the SNR figure")
     c.add_argument("--quiet", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in OUT/runs")
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train, evaluate and draw the iwae1 VAE on binarized MNIST",
@@ -578,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=1000)
     d.add_argument("--device", default="auto")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="replace the run already in --out (an earlier demo)")
     d.set_defaults(func=cmd_demo)
     return p
 

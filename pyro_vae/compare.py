@@ -112,7 +112,8 @@ COLUMNS = ["estimator", "train_bound", "test_bound", "test_log_likelihood", "kl"
 
 
 def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repeats: int = 100,
-            snr_ks=(1, 5, 50), snr_batch: int = 100, dataset=None, quiet: bool = True) -> list[dict]:
+            snr_ks=(1, 5, 50), snr_batch: int = 100, dataset=None, quiet: bool = True,
+            overwrite: bool = False) -> list[dict]:
     """Train ``config`` once per estimator spec (same seed, architecture, initial weights) and
     write ``out/compare.csv``, ``out/compare.md``, ``out/figures/compare_bounds.png`` and
     ``out/figures/compare_snr.png``; each run lands in ``out/runs/SPEC``. Returns the rows.
@@ -121,7 +122,8 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     log-likelihood (importance sampling with ``k`` samples), KL(q || p), active units, seconds
     per epoch, peak memory, and the gradient SNR of its own estimator on the first ``snr_batch``
     training points at the trained parameters. The SNR-against-K figure uses the first
-    estimator's trained model, for ``iwae`` and ``dreg`` at each K in ``snr_ks``.
+    estimator's trained model, for ``iwae`` and ``dreg`` at each K in ``snr_ks``. Runs already
+    in ``out/runs`` are replaced only with ``overwrite``.
     """
     from pyro_vae.data import load_dataset
     from pyro_vae.evaluation import active_units, evaluate
@@ -146,7 +148,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        metrics = train(cfg, run_dir, quiet=quiet, dataset=dataset)
+        metrics = train(cfg, run_dir, quiet=quiet, dataset=dataset, overwrite=overwrite)
         memory, memory_kind = _peak_memory_mb(device)
         _, model, guide = load_run(run_dir, device, trust_code=True)  # the caller's own config, just trained
         pyro.set_rng_seed(cfg.seed)

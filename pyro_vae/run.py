@@ -236,9 +236,11 @@ def holds_run(run_dir: str | Path) -> bool:
 def claim_run_dir(run_dir: str | Path, overwrite: bool = False, resume: bool = False) -> RunClaim:
     """Check, before any work, that training may write ``run_dir``: a folder that holds a run
     needs ``resume`` (continue it) or ``overwrite`` (replace it), and no other live training may
-    hold its lock. ``RunClaim.take`` then locks it, once there is something to write."""
+    hold its lock. ``RunClaim.take`` then locks it, once there is something to write. Under
+    torchrun only rank 0 checks (the others would see its lock and config.json)."""
     claim = RunClaim(Path(run_dir), overwrite, resume)
-    claim.check()
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim.check()
     return claim
 
 
@@ -253,7 +255,7 @@ class RunClaim:
         if overwrite and resume:
             raise RunDirError("--overwrite replaces a run and --resume continues it: give one of them")
         self.run_dir, self.overwrite, self.resume = run_dir, overwrite, resume
-        self.created = self.held = False
+        self.created = self.held = self.taken = False
         self.saved_epoch: int | None = None  # the last epoch whose checkpoint is on disk
         self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
 
@@ -284,7 +286,7 @@ class RunClaim:
                 self.lock.unlink(missing_ok=True)
         else:
             raise RunDirError(_held_message(self.lock))
-        self.held = True
+        self.held = self.taken = True
         try:
             self.check()  # again, under the lock: another training may have finished meanwhile
         except RunDirError:

@@ -114,14 +114,18 @@ def _diverged(epoch: int, step: int, loss: float, claim: RunClaim, config: Train
 
 
 def _interrupted(claim: RunClaim, config: TrainConfig, removed: bool) -> TrainingInterrupted:
-    run_dir = claim.run_dir
-    if claim.saved_epoch is None:
-        return TrainingInterrupted(
-            "interrupted before the first epoch finished: nothing was saved, and there is no run to resume"
-            + (f" ({run_dir} removed)" if removed else ""))
-    trust = " --trust-code" if code_paths(config) else ""
-    return TrainingInterrupted(f"interrupted: epoch {claim.saved_epoch} is saved in {run_dir}; continue with "
-                               f"`pyro-vae train --resume {run_dir}{trust}`")
+    run_dir, trust = claim.run_dir, " --trust-code" if code_paths(config) else ""
+    if claim.saved_epoch is not None:
+        return TrainingInterrupted(f"interrupted: epoch {claim.saved_epoch} is saved in {run_dir}; continue with "
+                                   f"`pyro-vae train --resume {run_dir}{trust}`")
+    if claim.resume:
+        return TrainingInterrupted(f"interrupted before the resumed training started: {run_dir} is as it was; "
+                                   f"continue with `pyro-vae train --resume {run_dir}{trust}`")
+    if not claim.taken:
+        return TrainingInterrupted(f"interrupted before training started: nothing was written to {run_dir}")
+    return TrainingInterrupted(
+        "interrupted before the first epoch finished: nothing was saved, and there is no run to resume"
+        + (f" ({run_dir} removed)" if removed else ""))
 
 
 def _first_nonfinite(losses: torch.Tensor) -> int:

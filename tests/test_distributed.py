@@ -35,7 +35,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     run("--epochs", 2, "--out", tmp_path / "single")
     run("--epochs", 2, "--out", tmp_path / "ddp", nproc=2)
     run("--epochs", 1, "--out", tmp_path / "resumed", nproc=2)
-    run("--resume", tmp_path / "resumed", "--epochs", 2, nproc=2)
+    run("--resume", tmp_path / "resumed", "--epochs", 2, "--trust-code", nproc=2)  # it names ddp_helpers
 
     single, ddp, resumed = params(tmp_path / "single"), params(tmp_path / "ddp"), params(tmp_path / "resumed")
     for k in single:

@@ -247,3 +247,15 @@ def test_resume_honours_and_records_the_settings_it_may_change(run, capsys):
     assert [r["clip_grad"] for r in rows] == [None, 5.0, 5.0] and "grad_norm" in rows[2]
     assert cli("train", "--resume", run, "--overwrite") == 2
     assert cli("train", "--resume", run, "--out", run.parent / "other") == 2
+
+
+def test_demo_and_compare_do_not_replace_runs_unasked(run, capsys):
+    assert cli("demo", "--out", run) == 2
+    assert "already holds a run: replace it with --overwrite" in capsys.readouterr().err
+    data = run.parent / "x.npy"
+    (run.parent / "cmp" / "runs" / "elbo").mkdir(parents=True)
+    (run.parent / "cmp" / "runs" / "elbo" / "config.json").write_text((run / "config.json").read_text())
+    assert cli("compare", "--estimators", "elbo", "--dataset", data, "--likelihood", "gaussian", "--z-dim", 2,
+               "--out", run.parent / "cmp", "--device", "cpu", "--quiet") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert load_checkpoint(run)["epoch"] == 1
