@@ -395,3 +395,46 @@ def test_pyro_svi_trains_with_every_estimator(name):
     assert all(math.isfinite(v) for v in losses)
     assert pyro.param("a").detach().tolist() != [0.3, 0.2]
     assert pyro.param("w").detach().tolist() != [1.0, -0.5]
+
+
+# -- Pyro's own validation, as Pyro's tests/infer/test_valid_models checks it ----------------------
+
+def _event_dims_model():
+    pyro.sample("x", dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+
+
+def _event_dims_guide():
+    loc = pyro.param("loc", torch.zeros(2, 1, requires_grad=True))
+    pyro.sample("x", dist.Normal(loc, 1.0).to_event(2))
+
+
+def _shape_guide():
+    pyro.sample("x", dist.Normal(pyro.param("l", torch.zeros(3, requires_grad=True)), 1.0).to_event(1))
+
+
+def _empty_model():
+    pass
+
+
+def _factor_guide():
+    pyro.factor("f", torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("spec", ["iwae:K=3", "stl", "dreg:K=3", "piwae:M=2,K=2", "miwae:M=2,K=2", "ciwae:K=2", "renyi:alpha=0.5,K=2"])
+@pytest.mark.parametrize("model, guide, match", [
+    (_event_dims_model, _event_dims_guide, "event_dims disagree at site 'x'"),
+    (_event_dims_model, _shape_guide, "shapes disagree at site 'x'"),
+    (_empty_model, _factor_guide, "missing specification of has_rsample"),
+])
+def test_pyro_validation_refuses_invalid_pairs_in_every_estimator(spec, model, guide, match):
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match=match):
+        make_estimator(spec).differentiable_loss(model, guide)
+
+
+@pytest.mark.parametrize("spec", ["iwae:K=3", "dreg:K=3", "iwae"])
+def test_program_without_latents_gives_its_loss(spec):
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.5))
+
+    loss = make_estimator(spec).differentiable_loss(model, _empty_model)
+    assert float(loss) == pytest.approx(-float(dist.Normal(0.0, 1.0).log_prob(torch.tensor(0.5))))

@@ -32,6 +32,7 @@ import math
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.objectives.base import (
@@ -43,6 +44,7 @@ from pyro_vae.objectives.base import (
     pair_traces,
     particle_layout,
     repeat_rows,
+    validate_traces,
     vectorize,
 )
 
@@ -76,10 +78,12 @@ def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn, l
         args, kwargs = repeat_rows(args, kwargs, num_particles)
         model_trace = poutine.trace(poutine.replay(model, trace=replaced)).get_trace(*args, **kwargs)
         model_trace.repeated_particles = replaced.repeated_particles = num_particles
-        return model_trace, replaced
-    model_trace = poutine.trace(
-        poutine.replay(vectorize(model, num_particles, plates), trace=replaced)
-    ).get_trace(*args, **kwargs)
+    else:
+        model_trace = poutine.trace(
+            poutine.replay(vectorize(model, num_particles, plates), trace=replaced)
+        ).get_trace(*args, **kwargs)
+    if is_validation_enabled():  # Pyro's checks, as pair_traces does
+        validate_traces(model_trace, guide_trace, plates + (layout != REPEATED))
     return model_trace, replaced
 
 
