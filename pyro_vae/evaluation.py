@@ -34,6 +34,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from pyro_vae.errors import ConfigError, ProgramError
 from pyro_vae.likelihoods import bits_per_dim
 from pyro_vae.objectives.base import (
     PARTICLE_PLATE,
@@ -157,7 +158,7 @@ class BlockNoise(Messenger):
         dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}
         data_plate = self._data_plate(msg)
         if data_plate is None:
-            raise ValueError(f"latent site {msg['name']!r} is not inside a plate over the "
+            raise ProgramError(f"latent site {msg['name']!r} is not inside a plate over the "
                              f"{self.rows} data points: evaluation needs per-data-point "
                              f"latents (as in VAEs)")
         dims["data"] = dims[data_plate]
@@ -267,7 +268,7 @@ def _per_dim(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def _rows_kb(lp, k: int, b: int) -> torch.Tensor:
     """A site's log-density in the REPEATED layout, (K * B, inner plates...), -> (K, B)."""
     if not torch.is_tensor(lp) or lp.dim() == 0 or lp.shape[0] != k * b:
-        raise ValueError("a program that does not broadcast over particles must keep every latent inside "
+        raise ProgramError("a program that does not broadcast over particles must keep every latent inside "
                          "the data plate to be evaluated with k > 1 (its batch is repeated per particle)")
     return lp.reshape(k * b, -1).sum(1).reshape(k, b)
 
@@ -351,7 +352,7 @@ def parse_bytes(text) -> int:
     try:
         return int(float(s))
     except ValueError:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MB or a number of bytes") from None
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MB or a number of bytes") from None
 
 
 def peak_memory_bytes(fn, device) -> tuple[object, int]:
@@ -475,7 +476,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
     dc, pc = plan_chunks(k, n, pairs)
     dc, pc = data_chunk or dc, particle_chunk or pc
     if pc < k and pc % PARTICLE_BLOCK:
-        raise ValueError(f"particle_chunk={pc} must be a multiple of {PARTICLE_BLOCK} (or >= k={k})")
+        raise ConfigError(f"particle_chunk={pc} must be a multiple of {PARTICLE_BLOCK} (or >= k={k})")
 
     log_px = torch.empty(n, dtype=torch.float64)
     elbo = torch.empty(n, dtype=torch.float64)
@@ -636,7 +637,7 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> 
     guide q(z1|x) q(z2|z1) that is q(z1|x), and I(x; z1, z2) = I(x; z1).
     """
     if not hasattr(guide, "posterior"):
-        raise ValueError(f"{type(guide).__name__} has no posterior(x); mutual information needs one")
+        raise ProgramError(f"{type(guide).__name__} has no posterior(x); mutual information needs one")
     q = guide.posterior(x, **context)
     base = q
     while isinstance(base, dist.Independent):
@@ -652,7 +653,7 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> 
         def rows(zi):  # log q(z_i | x_j) = -0.5 z_i^2 . prec_j + z_i . (loc_j prec_j) + const_j
             return -0.5 * (zi**2) @ prec.T + zi @ (loc * prec).T + const
     elif isinstance(q, dist.TransformedDistribution):
-        raise ValueError(f"mutual information needs log q(z_i | x_j) for every pair of points; the flow of "
+        raise ProgramError(f"mutual information needs log q(z_i | x_j) for every pair of points; the flow of "
                          f"{type(guide).__name__} gives it only by inverting its transforms N^2 times, so it "
                          f"is not computed for this guide")
     else:

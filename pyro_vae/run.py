@@ -16,20 +16,12 @@ from pathlib import Path
 import torch
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.errors import CheckpointError, RunDirError, UntrustedCodeError
 
 CONFIG, CHECKPOINT, BEST, METRICS, FIGURES = "config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "figures"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, or not a pyro-vae checkpoint."""
 
-
-class UntrustedCodeError(ValueError):
-    """A run names its model or guide by import path, and the caller did not trust its code."""
-
-
-class RunDirError(ValueError):
-    """A run directory that would be overwritten, or that another training is writing."""
 
 
 def atomic_write(path: Path, write) -> None:

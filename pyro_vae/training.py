@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
 from pyro_vae.checks import DataError, check_data_scale, check_data_support
-from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.config import TrainConfig, build_model_and_guide, check_resume
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
+from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.programs import bind
@@ -39,6 +40,7 @@ from pyro_vae.run import (
     claim_run_dir,
     code_paths,
     load_checkpoint,
+    load_config,
     read_metrics,
     rng_state,
     save_checkpoint,
@@ -47,10 +49,6 @@ from pyro_vae.run import (
     write_metrics,
 )
 from pyro_vae.schedules import KLSchedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -62,7 +60,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+        raise ConfigError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
     return dev
 
 
@@ -184,7 +182,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or train without --tensorboard; metrics.jsonl has the same figures)") from None
         self.writer, self.image_shape = SummaryWriter(str(run_dir / "tensorboard")), image_shape
 
@@ -273,6 +271,8 @@ def train(
     leaves nothing behind.
     """
     claim = claim_run_dir(run_dir, overwrite, resume)  # refuses before any work
+    if resume:
+        check_resume(load_config(run_dir), config, run_dir)
     try:
         return _train(config, claim, quiet, dataset, log_every)
     except BaseException as e:
@@ -351,7 +351,7 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         claim.saved_epoch = state["epoch"]
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     if config.early_stopping and dataset.valid is None:
-        raise ValueError(f"--early-stopping {config.early_stopping} watches the validation split: "
+        raise ConfigError(f"--early-stopping {config.early_stopping} watches the validation split: "
                          f"add --validation N (e.g. --validation 10000)")
     if world.is_main:
         save_config(run_dir, config)

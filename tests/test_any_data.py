@@ -199,7 +199,7 @@ def test_image_shape_for_flat_rows(tmp_path):
     assert load_dataset(str(tmp_path / "flat.npy")).image_shape is None
     with pytest.raises(DataError, match=r"--image-shape 1 28 27 does not fit rows of 784 features: .*C\*H\*W = 784"):
         load_dataset(str(tmp_path / "flat.npy"), image_shape=(1, 28, 27))
-    with pytest.raises(ValueError, match="three positive sizes"):
+    with pytest.raises(ValueError, match="image_shape = .*must be a list of 3 integers"):
         TrainConfig(image_shape=[28, 28])
     from pyro_vae.cli import TRAIN_FLAGS, _add_train_flags, _train_config
 
