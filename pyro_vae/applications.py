@@ -21,7 +21,6 @@ site ``z`` is the guide's first site, the one ``decode`` takes (``z1`` of ``hvae
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.errors import ConfigError, DataError, ProgramError
 from pyro_vae.evaluation import evaluate, posterior_means
+from pyro_vae.files import save_npy, save_npz, write_json
 from pyro_vae.programs import context_keys
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +570,7 @@ def data_units(data, array):
 def save_arrays(path: Path, array) -> Path:
     """One array as ``.npy`` (float32 numbers, rows first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, torch.as_tensor(array).detach().float().cpu().numpy())
+    save_npy(path, torch.as_tensor(array).detach().float().cpu().numpy())
     return path
 
 
@@ -607,7 +607,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
               "points": len(x), "steps": steps, "burn_in": burn_in, "acceptance": r["acceptance"],
               "rmse_imputed_mean": imputation_error(x, r["mean"], observed),
               "rmse_training_mean": imputation_error(x, baseline, observed), "figure": str(figure)}
-    (run_dir / "impute.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "impute.json", result)
     return result
 
 
@@ -659,8 +659,8 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
             layers["--data"] = points
         save_pairs(figure, x, layers, title=title + ", test points in grey")
     result["figure"] = str(figure)
-    np.savez(run_dir / "anomaly_scores.npz", **arrays)
-    (run_dir / "anomaly.json").write_text(json.dumps(result, indent=2))
+    save_npz(run_dir / "anomaly_scores.npz", **arrays)
+    write_json(run_dir / "anomaly.json", result)
     return result
 
 
@@ -692,5 +692,5 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     result = {"latent_dims": codes_test.shape[1], "raw_dims": data.train.shape[1], "test_points": len(data.test),
               "probe": "multinomial logistic regression, standardized features, L-BFGS, weight decay 1e-3",
               "rows": rows}
-    (run_dir / "represent.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "represent.json", result)
     return result

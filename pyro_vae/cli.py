@@ -152,9 +152,21 @@ def _elastic_restart(args) -> None:
             or os.environ.get(ELASTIC_OUT) != str(Path(out).resolve())):
         return
     if (Path(out) / CHECKPOINT).exists():
-        args.resume, args.out, args.overwrite = out, None, False
+        # the code the run names is what this same command named: trusted as it was at the start
+        args.resume, args.out, args.overwrite, args.trust_code = out, None, False, True
     elif not args.resume:
         args.overwrite = True  # the failed attempt saved no epoch: its leftovers go
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective of a distributed run failed because another process is gone."""
+    import torch.distributed
+
+    return torch.distributed.is_initialized() and any(m in str(e) for m in PEER_LOST)
 
 
 def cmd_train(args) -> int:
@@ -186,6 +198,15 @@ def cmd_train(args) -> int:
             said = str(e) if isinstance(e, TrainingInterrupted) else "interrupted: nothing was written"
             print(f"\n{said}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"pyro-vae train (process {rank}): another process of this run stopped or was killed "
+              f"({str(e).splitlines()[0][:160]}); the run's last checkpoint is intact: continue with "
+              f"`pyro-vae train --resume {run_dir} --nproc N` (or --max-restarts R restarts by itself)",
+              file=sys.stderr)
+        return 1
     finally:
         import torch.distributed
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import sys
@@ -34,7 +33,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from pyro_vae.checks import check_data_support, check_finite
 from pyro_vae.errors import ConfigError, ProgramError
+from pyro_vae.files import atomic_write, save_npz, write_json
 from pyro_vae.likelihoods import bits_per_dim
 from pyro_vae.objectives.base import (
     PARTICLE_PLATE,
@@ -455,6 +456,10 @@ def evaluate(model, guide, x, k: int = 1000, max_batch_particles: int = 100_000,
     ``particle_chunk`` force the chunk shape (tests). Results do not depend on the chunking:
     draws are seeded per (point, particle block) by ``BlockNoise``.
     """
+    if k < 1:
+        raise ConfigError(f"k = {k}: the importance samples per point must be at least 1")
+    check_finite(x, "the data to evaluate")
+    check_data_support(model, x, "the data to evaluate", guide=guide, **context)  # once, before any chunk
     with pyro.validation_enabled(False):  # Pyro's argument checks cost time per chunk
         return _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, seed, psis,
                          data_chunk, particle_chunk, return_points, **context)
@@ -718,7 +723,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``. A run that names its programs
     by import path needs ``trust_code=True`` (see ``pyro_vae.run.load_run``)."""
     from pyro_vae.data import load_run_data
-    from pyro_vae.run import FIGURES, atomic_write, load_run
+    from pyro_vae.run import FIGURES, load_run
     from pyro_vae.training import resolve_device
 
     run_dir = Path(run_dir)
@@ -752,13 +757,11 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
         result["mutual_information_note"] = str(e)
     result.update(run=str(run_dir), dataset=config.dataset, weights="best.pt" if best else "checkpoint.pt")
 
-    np.savez(run_dir / "eval_points.npz", **points)
+    save_npz(run_dir / "eval_points.npz", **points)
     export = [i for i in export_points if 0 <= i < len(x)]
     if export:
         idata = posterior_inference_data(model, guide, x, export, export_draws, seed, **context)
-        tmp = run_dir / ".posterior.nc.tmp"
-        idata.to_netcdf(str(tmp))
-        tmp.replace(run_dir / "posterior.nc")
+        atomic_write(run_dir / "posterior.nc", lambda p: idata.to_netcdf(str(p)))
         result["posterior_netcdf"] = str(run_dir / "posterior.nc")
     if figures:
         from pyro_vae.plots import save_khat_histogram, save_kl_per_dim
@@ -767,6 +770,5 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
             result["figure_kl_per_dim"] = str(save_kl_per_dim(result["kl_per_dim"], run_dir / FIGURES / "kl_per_dim.png"))
         if np.isfinite(points["pareto_k"]).any():
             result["figure_pareto_k"] = str(save_khat_histogram(points["pareto_k"], run_dir / FIGURES / "pareto_k.png"))
-    text = json.dumps(result, indent=2)
-    atomic_write(run_dir / "eval.json", lambda p: p.write_text(text))
+    write_json(run_dir / "eval.json", result)
     return result

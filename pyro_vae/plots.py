@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 from pyro_vae.errors import ConfigError
+from pyro_vae.files import atomic_write  # noqa: E402
 
 
 def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
@@ -174,6 +175,6 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path

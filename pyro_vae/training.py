@@ -35,7 +35,6 @@ from pyro_vae.run import (
     FIGURES,
     RunClaim,
     RunDirError,
-    atomic_write,
     best_epoch,
     claim_run_dir,
     code_paths,
@@ -393,17 +392,11 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         metrics.append(row)
         rng = world.gather(rng_state())  # one state per rank: a resumed run draws what it would have
         if world.is_main:
-            write_metrics(run_dir, metrics)
-            save_checkpoint(run_dir, {
+            _save_epoch(claim, metrics, {
                 "model": model.state_dict(), "guide": guide.state_dict(),
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
                 "schedule": {**kl_weights, "progress_epochs": float(epoch)},
             })
-            best = best_epoch(metrics)
-            if best is not None and best[0] == epoch:
-                state = {"model": model.state_dict(), "guide": guide.state_dict(), "epoch": epoch,
-                         "criterion": best[1], "value": best[2]}
-                atomic_write(run_dir / BEST, lambda p, s=state: torch.save(s, p))
         claim.saved_epoch = epoch
         if board:
             board.log(epoch, row, model)
@@ -418,6 +411,25 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         print(f"early stopping after epoch {metrics[-1]['epoch']}: no better {best[1]} than epoch {best[0]}'s "
               f"{best[2]:.4f} for {config.early_stopping} epochs; its weights are in {run_dir / BEST}", file=sys.stderr)
     return metrics
+
+
+def _save_epoch(claim: RunClaim, metrics: list[dict], state: dict) -> None:
+    """metrics.jsonl, checkpoint.pt and (when this epoch is the best by the validation split)
+    best.pt, each written atomically. A write that fails (a full disk, a folder made read-only)
+    stops training with one line: the previous epoch's checkpoint is intact, and resumable."""
+    run_dir, epoch = claim.run_dir, state["epoch"]
+    try:
+        write_metrics(run_dir, metrics)
+        save_checkpoint(run_dir, state)
+        best = best_epoch(metrics)
+        if best is not None and best[0] == epoch:
+            save_checkpoint(run_dir, {"model": state["model"], "guide": state["guide"], "epoch": epoch,
+                                      "criterion": best[1], "value": best[2]}, BEST)
+    except OSError as e:
+        kept = (f"the checkpoint of epoch {claim.saved_epoch} is intact: free space (or fix the folder) and "
+                f"continue with `pyro-vae train --resume {run_dir}`" if claim.saved_epoch is not None
+                else "no epoch had been saved, so there is nothing to resume")
+        raise RunDirError(f"cannot save epoch {epoch}: {e.strerror}: {e.filename}; {kept}") from None
 
 
 def _patience_spent(metrics: list[dict], patience: int) -> bool:

@@ -3,6 +3,7 @@ check, vectorized importance log-weights, and the ``Objective`` module the train
 
 from __future__ import annotations
 
+import math
 import warnings
 from itertools import zip_longest
 from typing import NamedTuple
@@ -17,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
-from pyro_vae.errors import ProgramError, SiteMismatchError
+from pyro_vae.errors import ConfigError, ProgramError, SiteMismatchError
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
 
@@ -459,6 +460,19 @@ class Objective(nn.Module):
         check_pair(model, guide)
         self.model, self.guide, self.estimator = model, guide, estimator
 
+    def validate(self, x: torch.Tensor, beta: float = 1.0) -> None:
+        """DataError for non-finite data or data outside a built-in likelihood's support
+        (a user's own distributions are checked by Pyro's validation), ConfigError for a KL
+        weight that is negative or not finite."""
+        from pyro_vae.checks import check_finite
+
+        if not torch.is_tensor(beta) and not (math.isfinite(beta) and beta >= 0):
+            raise ConfigError(f"beta = {beta}: the KL weight must be a finite number >= 0")
+        check_finite(x, "the data")
+        likelihood = getattr(self.model, "likelihood", None)
+        if hasattr(likelihood, "check_support"):
+            likelihood.check_support(x)
+
     def __call__(self, *args, **kwargs):
         from pyro_vae.programs import objective_scope
 
@@ -466,5 +480,7 @@ class Objective(nn.Module):
             return super().__call__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, beta: float = 1.0, **context) -> torch.Tensor:
+        if is_validation_enabled():  # as Pyro's own checks: off in the training loop, on by default
+            self.validate(x, beta)
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
         return self.estimator.differentiable_loss(model, guide, x, **context) / x.shape[0]
