@@ -673,7 +673,9 @@ def main(argv=None) -> int:
         print(f"pyro-vae {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        said = str(e) or ("interrupted" if args.command in ("compare", "demo") else
+                          "interrupted: nothing was written (each file is written whole, at the end)")
+        print(f"\n{said}", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
