@@ -108,7 +108,7 @@ def describe_support(support) -> str:
     lo, hi = (_g(getattr(support, k, None)) for k in ("lower_bound", "upper_bound"))
     if isinstance(support, constraints.integer_interval):
         return f"the integers {lo}..{hi}"
-    if isinstance(support, constraints.integer_greater_than):
+    if isinstance(support, type(constraints.nonnegative_integer)):  # integers >= a bound
         return f"the integers >= {lo}"
     if isinstance(support, constraints.interval):
         return f"[{lo}, {hi}]"

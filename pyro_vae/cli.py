@@ -4,6 +4,7 @@ train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, repres
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,8 @@ def cmd_train(args) -> int:
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--overwrite replaces a run and --resume continues it: give one of them")
     if args.max_restarts and not args.nproc:
         raise ConfigError("--max-restarts restarts the processes that --nproc N starts: add --nproc N (N >= 2)")
     _elastic_restart(args)
@@ -202,8 +205,9 @@ def cmd_train(args) -> int:
         if not _peer_lost(e):
             raise
         rank = os.environ.get("RANK", "0")
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's source path
         print(f"pyro-vae train (process {rank}): another process of this run stopped or was killed "
-              f"({str(e).splitlines()[0][:160]}); the run's last checkpoint is intact: continue with "
+              f"({detail}); the run's last checkpoint is intact: continue with "
               f"`pyro-vae train --resume {run_dir} --nproc N` (or --max-restarts R restarts by itself)",
               file=sys.stderr)
         return 1

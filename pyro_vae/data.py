@@ -294,6 +294,8 @@ def fetch_torchvision_mnist(dest: Path, timeout: float = 15.0) -> dict[str, np.n
 def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str, np.ndarray]:
     """MNIST as uint8 arrays (60000/10000 x 784) from the cache, filling it on a miss."""
     data_dir = Path(data_dir or default_data_dir())
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) mnist.npz")
     cache = data_dir / "mnist.npz"
     if not cache.exists():
         data_dir.mkdir(parents=True, exist_ok=True)

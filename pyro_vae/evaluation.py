@@ -338,7 +338,14 @@ class _Chunk:
 
 
 def parse_bytes(text) -> int:
-    """'2GB', '512MB', '1.5G', '100000' (bytes) -> bytes."""
+    """'2GB', '512MB', '1.5G', '100000' (bytes) -> a positive number of bytes."""
+    size = _parse_bytes(text)
+    if not size > 0:
+        raise ConfigError(f"--max-memory {text}: the memory bound must be positive, e.g. 2GB or 512MB")
+    return size
+
+
+def _parse_bytes(text) -> int:
     if isinstance(text, (int, float)):
         return int(text)
     s = str(text).strip().upper().replace("IB", "B")
@@ -353,7 +360,8 @@ def parse_bytes(text) -> int:
     try:
         return int(float(s))
     except ValueError:
-        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MB or a number of bytes") from None
+        raise ConfigError(f"--max-memory {text}: cannot read a memory size; write e.g. 2GB, 512MB or a number "
+                          f"of bytes") from None
 
 
 def peak_memory_bytes(fn, device) -> tuple[object, int]:
@@ -758,7 +766,11 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     result.update(run=str(run_dir), dataset=config.dataset, weights="best.pt" if best else "checkpoint.pt")
 
     save_npz(run_dir / "eval_points.npz", **points)
-    export = [i for i in export_points if 0 <= i < len(x)]
+    outside = [i for i in export_points if not 0 <= i < len(x)]
+    if outside:
+        raise ConfigError(f"--export-points {' '.join(map(str, outside))}: not test points; the test set has "
+                          f"{len(x)} (0..{len(x) - 1})")
+    export = list(export_points)
     if export:
         idata = posterior_inference_data(model, guide, x, export, export_draws, seed, **context)
         atomic_write(run_dir / "posterior.nc", lambda p: idata.to_netcdf(str(p)))

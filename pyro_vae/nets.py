@@ -162,8 +162,9 @@ def decoder_net(net: str, z_dim: int, out_features: int, hidden: Sequence[int], 
     """The decoder for ``net``: (..., z_dim) -> (..., out_features); ``out_bias`` is its output bias."""
     _check_net(net)
     if net == "conv":
-        numel = int(torch.tensor(image_shape).prod()) if image_shape else 0
-        if not numel or out_features % numel:
+        _conv_grid(image_shape)  # conv nets need images: the same error as the encoder's
+        numel = int(torch.tensor(image_shape).prod())
+        if out_features % numel:
             raise ConfigError(f"decoder output {out_features} is not a multiple of the image size {image_shape}")
         return ConvDecoder(z_dim, image_shape, out_features // numel, list(hidden)[::-1], act)
     return MLP([z_dim, *hidden, out_features], act)

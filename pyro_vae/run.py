@@ -262,6 +262,10 @@ class RunClaim:
         return self.run_dir / LOCK
 
     def check(self) -> None:
+        if not str(self.run_dir).strip() or self.run_dir == Path():
+            raise RunDirError("--out is empty: give the folder for the run, e.g. --out runs/mine")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"--out {self.run_dir} is a file, not a folder: give a folder for the run")
         if not self.resume and not self.overwrite and holds_run(self.run_dir):
             raise RunDirError(f"{self.run_dir} already holds a run: continue it with `--resume {self.run_dir}`, "
                               f"or replace it with --overwrite (or train into another --out)")

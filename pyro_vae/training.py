@@ -313,8 +313,10 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
     with pyro.validation_enabled(False):  # site names, shapes and plates; values come next
         check_pair(model, guide, first["x"], **first["context"])
-    check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
-    check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
+    check_data_support(model, dataset.train, f"the training data of {config.dataset!r}", dataset.binarize, guide,
+                       **first["context"])
+    check_data_support(model, dataset.test, f"the test data of {config.dataset!r}", guide=guide,
+                       **dataset.context(context_keys, slice(0, 2), "test"))
     if world.is_main:
         check_data_scale(model, dataset.train, guide=guide, **first["context"])  # a hint: --standardize
     check_first_step(objective, dataset, context_keys, config.batch_size)
@@ -347,6 +349,10 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
+        if state["epoch"] >= config.epochs:
+            raise ConfigError(f"{run_dir} has trained {state['epoch']} epochs, and --epochs {config.epochs} is the "
+                              f"total to reach: give --epochs {state['epoch'] + 10} (or any number above "
+                              f"{state['epoch']}) to train further")
         claim.saved_epoch = state["epoch"]
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     if config.early_stopping and dataset.valid is None:

@@ -245,6 +245,10 @@ def test_a_likelihood_by_import_path_needs_trust(run):
 def test_resume_from_python_refuses_a_changed_model(run, tmp_path):
     with pytest.raises(ConfigError, match="--z-dim cannot change on --resume"):
         train(small(tmp_path / "x.npy", z_dim=3, epochs=2), run, resume=True, quiet=True)
+    saved = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match="has trained 1 epochs, and --epochs 1 is the total to reach"):
+        train(small(tmp_path / "x.npy", epochs=1), run, resume=True, quiet=True)  # nothing to do is said
+    assert (run / "config.json").read_text() == saved and not (run / ".lock").exists()
     train(small(tmp_path / "x.npy", epochs=2, lr=1e-4), run, resume=True, quiet=True)
     assert [m["lr"] for m in read_metrics(run)] == [1e-3, 1e-4]
 

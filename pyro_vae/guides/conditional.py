@@ -23,7 +23,7 @@ class ConditionalGaussianGuide(BuiltinProgram):
     context_keys = ("y",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", num_classes: int | None = None, cond_dim: int | None = None, **_):
+                 activation: str = "relu", num_classes: int | None = None, cond_dim: int | None = None):
         super().__init__()
         self.cond_dim = cond_dim or num_classes
         if not self.cond_dim:

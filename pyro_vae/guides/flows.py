@@ -41,7 +41,7 @@ class IAFGuide(BuiltinProgram):
     latent_sites = ("z",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", num_flows: int = 2, **_):
+                 activation: str = "relu", num_flows: int = 2):
         super().__init__()
         self.encoder = _Encoder(x_dim, list(hidden), activation, [z_dim, z_dim])
         self.flows = nn.ModuleList(
@@ -66,7 +66,7 @@ class LowRankGuide(BuiltinProgram):
     latent_sites = ("z",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", rank: int = 2, **_):
+                 activation: str = "relu", rank: int = 2):
         super().__init__()
         self.z_dim, self.rank = z_dim, rank
         self.encoder = _Encoder(x_dim, list(hidden), activation, [z_dim, z_dim * rank, z_dim])

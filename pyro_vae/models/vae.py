@@ -92,7 +92,7 @@ class LinearGaussian(LatentVariableModel):
     """
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, noise_scale: float = 1.0,
-                 likelihood: str = "gaussian", **_):
+                 likelihood: str = "gaussian"):
         if likelihood != "gaussian":
             raise ConfigError(f"--model linear is Gaussian by construction (probabilistic PCA) and cannot use "
                              f"--likelihood {likelihood}: drop --likelihood (or give gaussian), or use --model vae")

@@ -337,6 +337,8 @@ class Renyi(ImportanceWeightedELBO):
 
     def __init__(self, alpha: float = 0.0, K: int = 1, max_plate_nesting: float = float("inf")):
         self.alpha = float(alpha)
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"renyi's alpha must be a finite number (0: IWAE, 1: the ELBO), got {alpha}")
         super().__init__(K, max_plate_nesting)
 
     def bound(self, lw):
