@@ -572,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="PNG path (default RUN/figures/traversals.png)")
     m = run_parser("impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
                    "writes RUN/impute.json", cmd_impute)
-    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default="bottom-half",
-                   help="which features are missing (the halves need images)")
+    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default=None,
+                   help="which features are missing (the halves need images; default: bottom-half for images, "
+                        "random otherwise)")
     m.add_argument("--fraction", type=checked(float, above=0, at_most=0.999999), default=0.5, help="share of missing features, with --missing random")
     m.add_argument("--n", type=POSITIVE, default=100, help="test points")
     m.add_argument("--steps", type=POSITIVE, default=500, help="sampler steps")
