@@ -647,9 +647,13 @@ def _report_bug(command: str) -> None:
     package = str(Path(__file__).parent)
     user = [f for f in frames if not f.filename.startswith(package) and "site-packages" not in f.filename
             and "<frozen" not in f.filename and not f.filename.startswith(sys.prefix)]
+    calls_user = frames and frames[-1].filename.endswith("programs.py") and frames[-1].name == "call"
     if user:
         print(f"pyro-vae {command}: the error above arose in your program ({user[-1].filename}, line "
               f"{user[-1].lineno}).", file=sys.stderr)
+    elif calls_user:  # a user's program that is a built-in or C function: no frame of its own
+        print(f"pyro-vae {command}: the error above arose in your program (the model or guide function "
+              f"pyro-vae called).", file=sys.stderr)
     else:
         print(f"pyro-vae {command}: this is a bug in pyro-vae, not in your input: please report it with the "
               f"command and the traceback above.", file=sys.stderr)
