@@ -502,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pyro_vae.config import resumable_flags
 
+    from pyro_vae import __version__
+
     p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    p.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from pyro_vae.errors import ConfigError
 from pyro_vae.settings import check_all, declarations, flag_name, setting
