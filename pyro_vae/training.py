@@ -181,7 +181,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'pyro-vae[tensorboard]' "
                              "(or train without --tensorboard; metrics.jsonl has the same figures)") from None
         self.writer, self.image_shape = SummaryWriter(str(run_dir / "tensorboard")), image_shape
 

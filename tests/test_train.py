@@ -1,3 +1,4 @@
+import sys
 import dataclasses
 import json
 
@@ -168,3 +169,35 @@ def test_early_stopping_keeps_the_best_validation_epoch(tmp_path, capsys):
     assert not (plain / "best.pt").exists()
     with pytest.raises(CheckpointError, match="validation split"):
         load_run(plain, best=True)
+
+
+def test_tensorboard_logs_every_metric_and_a_sample_grid_per_epoch(tmp_path, small_mnist, monkeypatch):
+    """--tensorboard through a stand-in SummaryWriter (tensorboard is an optional extra): each
+    epoch's numeric metrics as scalars and a grid of prior samples as an image; without the
+    package, one line naming the extra."""
+    import types
+
+    logged = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            logged.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            logged.append(("scalar", key, step))
+
+        def add_image(self, key, image, step):
+            logged.append(("image", key, tuple(image.shape), step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(small_config(tensorboard=True), tmp_path / "run", quiet=True, dataset=small_mnist)
+    assert ("dir", str(tmp_path / "run" / "tensorboard")) in logged
+    for epoch in (1, 2):
+        assert ("scalar", "train_loss", epoch) in logged and ("scalar", "test_loss", epoch) in logged
+        assert ("image", "samples", (3, 242, 242), epoch) in logged  # 8 x 8 digits of 28 + 2 padding
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install tensorboard"):
+        train(small_config(tensorboard=True), tmp_path / "other", quiet=True, dataset=small_mnist)
