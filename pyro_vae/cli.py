@@ -500,9 +500,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
 
-    from pyro_vae.config import resumable_flags
-
     from pyro_vae import __version__
+    from pyro_vae.config import resumable_flags
 
     p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
     p.add_argument("--version", action="version", version=f"pyro-vae {__version__}")

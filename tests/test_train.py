@@ -1,6 +1,6 @@
-import sys
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
