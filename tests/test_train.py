@@ -137,7 +137,7 @@ def test_tensorboard_logs_or_says_how_to_install_it(tmp_path, small_mnist):
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(ValueError, match="pip install tensorboard"):
+        with pytest.raises(ValueError, match=r"pip install 'pyro-vae\[tensorboard\]'"):
             train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
     else:
         train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
@@ -199,5 +199,30 @@ def test_tensorboard_logs_every_metric_and_a_sample_grid_per_epoch(tmp_path, sma
         assert ("scalar", "train_loss", epoch) in logged and ("scalar", "test_loss", epoch) in logged
         assert ("image", "samples", (3, 242, 242), epoch) in logged  # 8 x 8 digits of 28 + 2 padding
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
-    with pytest.raises(ConfigError, match=r"pip install tensorboard"):
+    with pytest.raises(ConfigError, match=r"pip install .pyro-vae\[tensorboard\]."):
         train(small_config(tensorboard=True), tmp_path / "other", quiet=True, dataset=small_mnist)
+
+
+def test_a_users_callback_sees_every_epoch_and_can_stop_training(tmp_path, small_mnist):
+    import pyro_vae
+
+    class StopWhenGoodEnough(pyro_vae.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_start(self, state):
+            self.seen.append(("start", state.epoch, len(state.metrics)))
+
+        def on_epoch_end(self, state, row):
+            assert (state.run_dir / "checkpoint.pt").exists()  # the built-in ones ran first
+            self.seen.append(("epoch", row["epoch"], round(row["test_loss"], 3)))
+            state.stop = row["epoch"] == 2
+
+        def on_train_end(self, state):
+            self.seen.append(("end", state.epoch, len(state.metrics)))
+
+    callback = StopWhenGoodEnough()
+    rows = train(small_config(epochs=5), tmp_path / "run", quiet=True, dataset=small_mnist, callbacks=[callback])
+    assert [r["epoch"] for r in rows] == [1, 2] and [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+    assert callback.seen == [("start", 0, 0), ("epoch", 1, round(rows[0]["test_loss"], 3)),
+                             ("epoch", 2, round(rows[1]["test_loss"], 3)), ("end", 2, 2)]
