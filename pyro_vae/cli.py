@@ -42,6 +42,8 @@ def _given_settings(args) -> dict:
     """The settings of --config FILE (if given) with the flags given on the command line winning."""
     import tomllib
 
+    from pyro_vae.config import check_settings
+
     given = {}
     if args.config:
         try:
@@ -51,6 +53,10 @@ def _given_settings(args) -> dict:
             raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config {args.config} is not valid TOML: {e}") from None
+        try:
+            check_settings(given)  # each key of the file, even where a flag overrides it
+        except ConfigError as e:
+            raise ConfigError(f"{args.config}: {e}") from None
     given.update({k: getattr(args, k) for k in args.train_flags if getattr(args, k) is not None})
     for kind in ("model", "guide"):
         options = _key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option")
@@ -62,10 +68,7 @@ def _given_settings(args) -> dict:
 def _train_config(args):
     from pyro_vae.config import TrainConfig
 
-    try:
-        return TrainConfig.from_dict(_given_settings(args))
-    except ConfigError as e:
-        raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
+    return TrainConfig.from_dict(_given_settings(args))  # each key already checked; now they together
 
 
 def _resume_config(args):
@@ -178,6 +181,8 @@ def cmd_train(args) -> int:
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: give the folder for the run, e.g. --out runs/mine")
     if args.resume and args.overwrite:
         raise ConfigError("--overwrite replaces a run and --resume continues it: give one of them")
     if args.max_restarts and not args.nproc:

@@ -263,6 +263,17 @@ def build_model_and_guide(config: TrainConfig, train_mean=None):
     return model, guide
 
 
+def check_settings(given: dict) -> None:
+    """Each key of ``given`` (a config file's) is a setting and its value allowed, on its own."""
+    declared = declarations(TrainConfig)
+    for key, value in given.items():
+        if key not in declared:
+            close = difflib.get_close_matches(key, declared, 1)
+            raise ConfigError(f"unknown key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}; the keys "
+                              f"are the flags' names: {', '.join(declared)}")
+        declared[key].check(key, value)
+
+
 def resumable_flags() -> list[str]:
     """The flags of the settings a ``--resume`` may change."""
     return [flag_name(name) for name, spec in declarations(TrainConfig).items() if spec.resumable]

@@ -90,13 +90,15 @@ def test_a_bad_flag_is_one_line_naming_it(flags, needle, tmp_path, capsys):
 @pytest.mark.parametrize("toml,needle", [
     ('jit = "no"', "jit = 'no': must be true or false"), ('epochs = "5"', "epochs = '5': must be an integer"),
     ("hidden = 400", "hidden = 400: must be a list"), ("lr = true", "lr = True: must be a finite number"),
-    ("epoch = 3", "did you mean 'epochs'?"), ("epochs = [", "is not valid TOML"),
+    ("epoch = 3", "did you mean 'epochs'?"), ('x_dim = "a"', "x_dim = 'a'"), ("epochs = [", "is not valid TOML"),
     ("model_options = 3", "model_options = 3: must be a table"),
 ])
 def test_a_bad_config_file_names_the_file_and_key(toml, needle, tmp_path, capsys):
     (tmp_path / "c.toml").write_text(toml + "\n")
     code = run_cli("train", "--config", tmp_path / "c.toml", "--out", tmp_path / "r")
     one_line_error(capsys, code, needle, "c.toml")
+    code = run_cli("train", "--config", tmp_path / "c.toml", "--epochs", "1", "--out", tmp_path / "r")
+    one_line_error(capsys, code, needle, "c.toml")  # checked even where a flag overrides the key
     code = run_cli("train", "--config", tmp_path / "missing.toml", "--out", tmp_path / "r")
     one_line_error(capsys, code, "cannot read --config", "missing.toml")
 
