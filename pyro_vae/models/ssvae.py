@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pyro_vae.checks import check_features
-from pyro_vae.models.cvae import CVAE
+from pyro_vae.models.vae import VAE
 from pyro_vae.registry import MODELS
 
 
@@ -24,7 +24,7 @@ def split_labelled(x: torch.Tensor, y: torch.Tensor | None):
 
 
 @MODELS.register("ssvae")
-class SSVAE(CVAE):
+class SSVAE(VAE):
     """M2 of Kingma et al. 2014 ("Semi-supervised learning with deep generative models"):
     p(y) = Cat(1/C), p(z) = N(0, I), p(x|y,z) = likelihood(decoder([z, onehot(y)])).
 
@@ -38,9 +38,9 @@ class SSVAE(CVAE):
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  activation: str = "softplus", likelihood: str = "bernoulli",
                  train_mean: torch.Tensor | None = None, num_classes: int | None = 10, **net_options):
-        super().__init__(x_dim, z_dim, hidden, activation, likelihood, train_mean, num_classes=num_classes,
-                         **net_options)
-        del self.prior_net  # M2's prior on z is N(0, I), independent of y
+        # the decoder reads [z, onehot(y)]; M2's prior on z is N(0, I), independent of y
+        super().__init__(x_dim, z_dim + num_classes, hidden, activation, likelihood, train_mean, **net_options)
+        self.z_dim, self.cond_dim = z_dim, num_classes
 
     def prior(self, batch_shape=(), y=None):
         return dist.Normal(torch.zeros(self.z_dim, device=self.device), 1.0).expand(
@@ -65,7 +65,7 @@ class SSVAE(CVAE):
         # enumerated labels arrive as (C, 1, ...) integer tensors: broadcast them against z
         c = nn.functional.one_hot(y.long(), self.cond_dim).float()
         shape = torch.broadcast_shapes(z.shape[:-1], c.shape[:-1])
-        return super(CVAE, self).decode(torch.cat([z.expand(*shape, -1), c.expand(*shape, -1)], -1))
+        return super().decode(torch.cat([z.expand(*shape, -1), c.expand(*shape, -1)], -1))
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = True, y=None) -> torch.Tensor:
