@@ -212,9 +212,9 @@ def test_two_dimensional_points_get_every_command(tmp_path, capsys):
     assert pyro_vae("traverse", run, "--num-dims", 2, "--steps", 7) == 0
     assert np.load(run / "traversals.npy").shape == (2, 7, 2)
     capsys.readouterr()
-    assert pyro_vae("impute", run) == 2
+    assert pyro_vae("impute", run, "--missing", "bottom-half") == 2
     assert "use --missing random" in capsys.readouterr().err
-    assert pyro_vae("impute", run, "--missing", "random", "--n", 50, "--steps", 40, "--burn-in", 10) == 0
+    assert pyro_vae("impute", run, "--n", 50, "--steps", 40, "--burn-in", 10) == 0  # random: the default here
     imputed = json.loads((run / "impute.json").read_text())
     assert np.load(run / "imputations.npy").shape == (50, 2) and 0 < imputed["acceptance"] <= 1
     assert pyro_vae("anomaly", run, "--k", 20) == 0
