@@ -25,7 +25,7 @@ from pyro_vae.checks import DataError, check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
-from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
+from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective, tell_dataset_size
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys
@@ -311,7 +311,8 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
-    objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    estimator = tell_dataset_size(make_estimator(config.estimator, config.particles), len(dataset.train))  # beta-tcvae's N
+    objective = make_objective(model, guide, estimator, schedule)
     with pyro.validation_enabled(False):  # site names, shapes and plates; values come next
         check_pair(model, guide, first["x"], **first["context"])
     check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
