@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -493,35 +494,63 @@ def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200) -> float:
-    """Test accuracy of multinomial logistic regression fitted on (train_features, train_labels):
-    the usual probe of a representation (a linear read-out of what the features hold). Features
-    are standardized with the training rows' mean and spread; the loss is the mean cross-entropy
-    plus ``weight_decay`` * ||W||^2, minimized by L-BFGS (convex, so the answer is the optimum)."""
-    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
-        raise ValueError("features and labels must have the same number of rows")
+class LogisticRegression(NamedTuple):
+    """A fitted multinomial logistic regression on standardized features (``fit_logistic``)."""
+
+    weight: torch.Tensor  # (features, classes), for standardized features
+    bias: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (((features.double() - self.loc) / self.scale) @ self.weight + self.bias).argmax(-1)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return float((self.predict(features) == labels.long()).double().mean())
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200,
+                 classes: int | None = None, balanced: bool = False) -> LogisticRegression:
+    """Multinomial logistic regression: features standardized with the rows' mean and spread;
+    the loss is the mean cross-entropy (each class weighted by 1/its frequency when
+    ``balanced``) plus ``weight_decay`` * ||W||^2, minimized by L-BFGS (convex, so the answer is
+    the optimum)."""
     with torch.no_grad():
-        f_train, f_test = train_features.double(), test_features.double()
-        loc = f_train.mean(0)
-        scale = f_train.std(0).clamp(min=1e-6) if len(f_train) > 1 else torch.ones_like(loc)
-        f_train, f_test = (f_train - loc) / scale, (f_test - loc) / scale
-        classes = int(max(train_labels.max(), test_labels.max())) + 1
-    weight = torch.zeros(f_train.shape[1], classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
-    bias = torch.zeros(classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
+        f = features.double()
+        loc = f.mean(0)
+        scale = f.std(0).clamp(min=1e-6) if len(f) > 1 else torch.ones_like(loc)
+        f = (f - loc) / scale
+        y = labels.long()
+        classes = classes or int(y.max()) + 1
+        class_weight = None
+        if balanced:
+            counts = torch.bincount(y, minlength=classes).double()
+            class_weight = torch.where(counts > 0, len(y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    weight = torch.zeros(f.shape[1], classes, dtype=torch.float64, device=f.device, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, device=f.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-    y = train_labels.long()
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(f_train @ weight + bias, y) + weight_decay * weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(f @ weight + bias, y, weight=class_weight) + weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    with torch.no_grad():
-        return float(((f_test @ weight + bias).argmax(-1) == test_labels.long()).double().mean())
+    return LogisticRegression(weight.detach(), bias.detach(), loc, scale)
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200) -> float:
+    """Test accuracy of multinomial logistic regression fitted on (train_features, train_labels)
+    (``fit_logistic``): the usual probe of a representation (a linear read-out of what the
+    features hold)."""
+    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
+        raise ValueError("features and labels must have the same number of rows")
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return fit_logistic(train_features, train_labels, weight_decay, max_iter, classes).accuracy(test_features, test_labels)
 
 
 # ----------------------------------------------------------------------------------------------
