@@ -722,3 +722,45 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
               "rows": rows}
     (run_dir / "represent.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def disentangle_run(run_dir, points: int = 20_000, seed: int = 0, device: str = "auto", best: bool = False,
+                    trust_code: bool = False, span: float = 3.0, steps: int = 9, index: int = 0,
+                    chunk: int = 2000) -> dict:
+    """The disentanglement metrics (``pyro_vae.disentanglement.all_metrics``) of a run's codes
+    E_q[z|x] (``latent_codes``, every site side by side) on ``points`` test rows of data that
+    carry factor labels (``dsprites`` or the dSprites ``.npz``), the reconstruction term
+    -E_q log p(x|z) on up to 2,000 of them (``evaluate``, 10 particles), and a traversal figure
+    of test point ``index`` with one row per code, labelled by the factor it shares most
+    information with (``RUN/figures/disentangle_traversals.png``). Writes ``RUN/disentangle.json``."""
+    from pyro_vae.data import load_run_data
+    from pyro_vae.disentanglement import all_metrics, captured_factor
+    from pyro_vae.plots import save_image_grid
+
+    run_dir = Path(run_dir)
+    config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
+    data = load_run_data(config, device, test_size=points, run_dir=run_dir)
+    if data.test_factors is None:
+        raise ValueError(f"the data of this run ({config.dataset!r}) carry no factor labels, which the metrics "
+                         f"compare the codes with: train on --dataset dsprites or the dSprites .npz file")
+    if run_context(model, guide, data):
+        raise ValueError("the disentanglement metrics read codes of unlabelled points, and this run's model takes "
+                         "labels as context: measure an unconditional run")
+    x, factors = data.test, data.test_factors
+    codes = torch.cat([latent_codes(model, guide, x[i : i + chunk], seed=seed).flat() for i in range(0, len(x), chunk)])
+    result = {"points": len(x), "latent_dims": codes.shape[1], "factor_names": list(data.factor_names),
+              **all_metrics(codes.cpu(), factors.cpu(), seed=seed)}
+    result["reconstruction"] = float(evaluate(model, guide, x[:2000], k=10, psis=False, seed=seed)["distortion"])
+    names = captured_factor(result["mutual_information"], data.factor_names, codes.cpu())
+    result["captured_factor"] = names
+    mi = np.asarray(result["mutual_information"]).max(1)
+    dims = [int(d) for d in np.argsort(-mi)]  # the most informative codes first
+    if is_image(config, x.shape[-1]):
+        grid = traverse(model, guide, x[index : index + 1], dims, span, steps)[0]
+        out = save_image_grid(grid.reshape(-1, x.shape[-1]), run_dir / "figures" / "disentangle_traversals.png",
+                              config.image_shape, nrow=steps, row_labels=[f"z{d}: {names[d]}" for d in dims],
+                              title=f"test point {index}: each code from -{span:g} to {span:g}, labelled by the "
+                                    f"factor it shares most information with")
+        result["traversal_figure"] = str(out)
+    (run_dir / "disentangle.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -240,8 +240,10 @@ def all_metrics(codes, factors, seed: int = 0) -> dict:
     return out
 
 
-def captured_factor(mutual_info, factor_names, threshold: float = 0.05) -> list[str]:
+def captured_factor(mutual_info, factor_names, codes=None, prune: float = 0.05) -> list[str]:
     """For each code, the name of the factor it shares most information with (``mig``'s matrix),
-    or '-' where that is below ``threshold`` nats (an inactive code)."""
+    or '-' for a code whose standard deviation over ``codes`` is below ``prune`` (inactive, as
+    the FactorVAE score prunes it: its binned values carry only estimation noise)."""
     mi = np.asarray(mutual_info)
-    return [factor_names[int(row.argmax())] if row.max() >= threshold else "-" for row in mi]
+    active = np.ones(len(mi), bool) if codes is None else _arrays(codes, np.zeros((len(codes), 1)))[0].std(0) >= prune
+    return [factor_names[int(row.argmax())] if on else "-" for row, on in zip(mi, active)]
