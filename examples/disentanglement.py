@@ -7,7 +7,9 @@ markdown table of mean and spread over seeds, with the papers' orderings as yes/
     python examples/disentanglement.py --runs runs/disentanglement --out table.md
 
 Each run lands in RUNS/NAME-sSEED (a run already there with the same settings is measured, not
-trained again), with RUN/disentangle.json and RUN/figures/disentangle_traversals.png.
+trained again; its RUN/disentangle.json is reused when it is newer than the checkpoint and read
+as many points, i.e. `pyro-vae disentangle RUN --points N` gives the same), with
+RUN/figures/disentangle_traversals.png.
 """
 
 import argparse
@@ -40,7 +42,7 @@ p.add_argument("--out", help="also write the table to this markdown file")
 args = p.parse_args()
 
 results = {}
-for name, (label, settings) in OBJECTIVES.items():
+for name, (_, settings) in OBJECTIVES.items():
     for seed in args.seeds:
         run = Path(args.runs) / f"{name}-s{seed}"
         config = TrainConfig.from_dict({
@@ -53,7 +55,12 @@ for name, (label, settings) in OBJECTIVES.items():
         if not done:
             print(f"training {run} ...", flush=True)
             train(config, run, quiet=True, overwrite=holds_run(run))
-        r = disentangle_run(run, points=args.points, seed=0, device="cpu")
+        measured = run / "disentangle.json"  # reused when it measured this checkpoint with these settings
+        if measured.exists() and measured.stat().st_mtime > (run / "checkpoint.pt").stat().st_mtime \
+                and json.loads(measured.read_text())["points"] == args.points:
+            r = json.loads(measured.read_text())
+        else:
+            r = disentangle_run(run, points=args.points, seed=0, device="cpu")
         results.setdefault(name, []).append(r)
         print(f"{run}: " + "  ".join(f"{m} {r[m]:.3f}" for m in METRICS), flush=True)
 

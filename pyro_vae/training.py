@@ -25,7 +25,8 @@ from pyro_vae.checks import DataError, check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
-from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective, tell_dataset_size
+from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
+from pyro_vae.objectives.tc import tell_dataset_size
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys

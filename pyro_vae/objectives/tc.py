@@ -20,9 +20,11 @@ log q(z_i) and log q(z_ij) are estimated from the batch of B codes (i is the row
 scored, n over the batch's rows) with weights W_in: ``log q(z_i) ~ logsumexp_n [log W_in + log
 q(z_i | x_n)]``, and the same per dimension:
 
-- ``mws``, minibatch-weighted sampling (Chen et al., sec. 4.1 and app. C.1): W_in = 1/(N B).
-  The paper's normaliser; it makes log q(z) too small by about log B when posteriors barely
-  overlap, which shifts the TC estimate by a constant (D - 1) log B-ish, not its gradient.
+- ``mws``, minibatch-weighted sampling (Chen et al., sec. 4.1 and app. C.1): W_in = 1/(N B),
+  the paper's normaliser. Where the rows' posteriors barely overlap, log q(z_i) comes out near
+  log q(z_i|x_i) - log(N B), log B below the truth (about log q(z_i|x_i) - log N), and likewise
+  per dimension, so the TC estimate sits up to (D - 1) log B above the TC: an offset in the loss's
+  value (up to (beta - 1)(D - 1) log B nats per point), not in its gradient.
 - ``mss``, minibatch-stratified sampling (app. C.2): W_ii = 1/N for the row's own posterior and
   (N - 1)/(N (B - 1)) for each other row, an unbiased estimate of q(z_i) (exact when the batch is
   the whole data set).
@@ -46,7 +48,13 @@ import math
 import torch
 from pyro import poutine
 
-from pyro_vae.objectives.base import _divide, _reduce, find_data_plate, importance_log_weights, site_log_prob
+from pyro_vae.objectives.base import (
+    _divide,
+    _reduce,
+    find_data_plate,
+    importance_log_weights,
+    site_log_prob,
+)
 from pyro_vae.objectives.importance import ImportanceWeightedELBO, _latent_sites
 from pyro_vae.objectives.kl import _name, _unexpand, factors
 
