@@ -387,6 +387,21 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None, *, 
     return x
 
 
+def _read_factors(path: Path, n: int) -> torch.Tensor | None:
+    """The ``"factors"`` entry of a .pt dict (class ids (N, F) of ground-truth factors, for
+    ``pyro-vae disentangle``), or None."""
+    if path.suffix == ".npy":
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("factors") is None:
+        return None
+    factors = torch.as_tensor(obj["factors"])
+    if factors.dim() != 2 or len(factors) != n or factors.is_floating_point() or (len(factors) and int(factors.min()) < 0):
+        raise DataError(f"{path}: 'factors' must be class ids 0..C-1 of shape ({n}, F), one row per data point; "
+                        f"got {tuple(factors.shape)} {factors.dtype}")
+    return factors.long()
+
+
 def _read_image_folder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -480,6 +495,10 @@ def load_dataset(
         image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
         num_classes, binarize = (int(y.max()) + 1 if y is not None and len(y) else None), False
         x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
+        factors = _read_factors(path, len(x))
+        if factors is not None:  # ground-truth factors (N, F), split as the rows are
+            f_train, f_test, _, _ = _split(factors, None, 0.1)
+            factor_names = tuple(f"factor_{j}" for j in range(factors.shape[1]))
     else:
         raise DataError(
             f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, and no .npy/.pt "

@@ -251,3 +251,17 @@ def test_dsprites_dataset_is_a_random_subset_of_the_cached_grid(tmp_path):
     assert (data.train.numpy() == rendered).all()
     again = load_dataset("dsprites", data_dir=tmp_path, train_size=500, test_size=100)  # from the cache
     assert torch.equal(again.train_factors, data.train_factors)
+
+
+def test_a_pt_file_with_factors_carries_them_into_both_splits(tmp_path):
+    rows = dsprites.factors_of(np.random.default_rng(3).integers(dsprites.NUM_IMAGES, size=100))
+    x = torch.from_numpy(dsprites.downsample(dsprites.render(rows), 16)).float()
+    torch.save({"x": x, "factors": torch.from_numpy(rows)}, tmp_path / "f.pt")
+    data = load_dataset(str(tmp_path / "f.pt"))
+    assert data.train_factors.shape == (90, 5) and data.test_factors.shape == (10, 5)
+    assert data.factor_names == tuple(f"factor_{j}" for j in range(5))
+    again = torch.from_numpy(dsprites.downsample(dsprites.render(data.test_factors.numpy()), 16)).reshape(10, -1).float()
+    assert torch.equal(again, data.test)  # factors travel with their rows
+    torch.save({"x": x, "factors": torch.rand(100, 5)}, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match="'factors' must be class ids"):
+        load_dataset(str(tmp_path / "bad.pt"))
