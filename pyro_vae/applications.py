@@ -730,11 +730,13 @@ def disentangle_run(run_dir, points: int = 20_000, seed: int = 0, device: str = 
     """The disentanglement metrics (``pyro_vae.disentanglement.all_metrics``) of a run's codes
     E_q[z|x] (``latent_codes``, every site side by side) on ``points`` test rows of data that
     carry factor labels (``dsprites`` or the dSprites ``.npz``), the reconstruction term
-    -E_q log p(x|z) on up to 2,000 of them (``evaluate``, 10 particles), and a traversal figure
+    -E_q log p(x|z) on up to 2,000 of them (``evaluate``, 10 particles), the total correlation of
+    the aggregate posterior on up to 5,000 (``objectives.tc.total_correlation``), and a traversal figure
     of test point ``index`` with one row per code, labelled by the factor it shares most
     information with (``RUN/figures/disentangle_traversals.png``). Writes ``RUN/disentangle.json``."""
     from pyro_vae.data import load_run_data
     from pyro_vae.disentanglement import all_metrics, captured_factor
+    from pyro_vae.objectives.tc import NotFactorizedError, total_correlation
     from pyro_vae.plots import save_image_grid
 
     run_dir = Path(run_dir)
@@ -751,6 +753,10 @@ def disentangle_run(run_dir, points: int = 20_000, seed: int = 0, device: str = 
     result = {"points": len(x), "latent_dims": codes.shape[1], "factor_names": list(data.factor_names),
               **all_metrics(codes.cpu(), factors.cpu(), seed=seed)}
     result["reconstruction"] = float(evaluate(model, guide, x[:2000], k=10, psis=False, seed=seed)["distortion"])
+    try:  # what beta-TCVAE penalizes, where the guide factorizes
+        result["total_correlation"] = total_correlation(model, guide, x[:5000], seed=seed)
+    except NotFactorizedError:
+        result["total_correlation"] = None
     names = captured_factor(result["mutual_information"], data.factor_names, codes.cpu())
     result["captured_factor"] = names
     mi = np.asarray(result["mutual_information"]).max(1)

@@ -382,6 +382,8 @@ def cmd_disentangle(args) -> int:
                         args.steps, args.index)
     rows = [(key, f"{r[key]:.4f}") for key in ("mig", "beta_vae_score", "factor_vae_score", "dci_disentanglement",
                                                "dci_completeness", "dci_informativeness_test", "sap", "reconstruction")]
+    if r.get("total_correlation") is not None:
+        rows.append(("total correlation (nats)", f"{r['total_correlation']:.4f}"))
     rows += [("points", str(r["points"])), ("active codes (FactorVAE)", f"{r['active_codes']} of {r['latent_dims']}"),
              ("factor per code", " ".join(f"z{j}:{name}" for j, name in enumerate(r["captured_factor"])))]
     width = max(len(k) for k, _ in rows)

@@ -271,3 +271,18 @@ def test_a_pt_file_with_factors_carries_them_into_both_splits(tmp_path):
     torch.save({"x": x, "factors": torch.rand(100, 5)}, tmp_path / "bad.pt")
     with pytest.raises(DataError, match="'factors' must be class ids"):
         load_dataset(str(tmp_path / "bad.pt"))
+
+
+def test_total_correlation_is_exact_with_one_batch_and_near_it_with_several(pair):
+    from pyro_vae.objectives.tc import total_correlation
+
+    model, guide = pair
+    x = torch.bernoulli(torch.rand(40, 6))
+    one = total_correlation(model, guide, x, batch_size=40, seed=3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        z = guide.posterior(x).rsample()
+        direct = _direct_log_q(guide, x, z)
+    exact = float((torch.logsumexp(direct.sum(-1), 1) - (torch.logsumexp(direct, 1)).sum(-1)).mean() + 2 * math.log(40))
+    assert one == pytest.approx(exact, abs=1e-4)
+    assert total_correlation(model, guide, x, batch_size=20, seed=3) == pytest.approx(one, abs=0.15)

@@ -210,3 +210,24 @@ def tell_dataset_size(estimator, n: int):
     if hasattr(estimator, "train_size"):
         estimator.train_size = n
     return estimator
+
+
+@torch.no_grad()
+def total_correlation(model, guide, x: torch.Tensor, batch_size: int = 1000, seed: int = 0, **context) -> float:
+    """KL(q(z) || prod_j q(z_j)) of the aggregate posterior over the rows of ``x`` (N = len(x)),
+    in nats: the mean over rows of log q(z_i) - sum_j log q(z_ij), z_i ~ q(z|x_i), each
+    estimated by minibatch-stratified sampling from batches of ``batch_size`` rows (exact in
+    the estimate of q when one batch holds every row). Refuses guides beta-tcvae refuses."""
+    estimator, total = BetaTCVAE(beta=2.0, sampling="mss", N=len(x)), 0.0
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, len(x), batch_size):
+            rows = {k: v[i : i + batch_size] for k, v in context.items()}
+            model_trace, guide_trace = estimator._get_trace(model, guide, (x[i : i + batch_size],), rows)
+            weights = importance_log_weights(model_trace, guide_trace)
+            if weights.data_dim is None:
+                raise NotFactorizedError("the total correlation needs every latent site inside the data plate")
+            log_qz, log_qz_dims = aggregate_log_q(pairwise_log_q(guide_trace, weights.data_dim), len(x), "mss")
+            total += float((log_qz - log_qz_dims.sum(-1)).sum())
+    return total / len(x)
