@@ -18,12 +18,12 @@ Give the original file's path as the dataset to use it instead (``load_npz``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pyro_vae.checks import DataError
+from pyro_vae.errors import DataError
+from pyro_vae.files import atomic_write
 
 SHAPES = ("square", "ellipse", "heart")
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
@@ -83,6 +83,8 @@ def render(factors: np.ndarray, chunk: int = 2048) -> np.ndarray:
 def grid_images(data_dir: Path, verbose: bool = True) -> np.ndarray:
     """All 737,280 images as packed bits (737280, 512) uint8 (``np.packbits`` of each 64 x 64
     image), from ``data_dir/dsprites.npz``, rendered and cached there on a miss (a few minutes)."""
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) {CACHE}")
     cache = Path(data_dir) / CACHE
     if not cache.exists():
         import sys
@@ -93,9 +95,11 @@ def grid_images(data_dir: Path, verbose: bool = True) -> np.ndarray:
         packed = np.concatenate([np.packbits(render(factors_of(np.arange(i, min(i + 16384, NUM_IMAGES))))
                                              .reshape(-1, SIZE * SIZE), axis=1)
                                  for i in range(0, NUM_IMAGES, 16384)])
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, packed_imgs=packed)
-        os.replace(tmp, cache)
+        def write(path):
+            with open(path, "wb") as f:
+                np.savez_compressed(f, packed_imgs=packed)
+
+        atomic_write(cache, write)
     with np.load(cache, allow_pickle=False) as f:
         return f["packed_imgs"]
 

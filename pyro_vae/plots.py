@@ -13,12 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from pyro_vae.errors import ConfigError
+from pyro_vae.files import atomic_write  # noqa: E402
+
 
 def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
     if image_shape is None:
         side = int(round(x.shape[-1] ** 0.5))
         if side * side != x.shape[-1]:
-            raise ValueError(f"cannot show {x.shape[-1]} features as an image; give image_shape")
+            raise ConfigError(f"cannot show {x.shape[-1]} features as an image; give image_shape")
         image_shape = (1, side, side)
     return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
 
@@ -176,6 +179,6 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path

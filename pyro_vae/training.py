@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
 from pyro_vae.checks import DataError, check_data_scale, check_data_support
-from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.config import TrainConfig, build_model_and_guide, check_resume
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
+from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.tc import tell_dataset_size
 from pyro_vae.objectives.traced import TracedObjective
@@ -35,11 +36,11 @@ from pyro_vae.run import (
     FIGURES,
     RunClaim,
     RunDirError,
-    atomic_write,
     best_epoch,
     claim_run_dir,
     code_paths,
     load_checkpoint,
+    load_config,
     read_metrics,
     rng_state,
     save_checkpoint,
@@ -48,10 +49,6 @@ from pyro_vae.run import (
     write_metrics,
 )
 from pyro_vae.schedules import KLSchedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -63,7 +60,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+        raise ConfigError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
     return dev
 
 
@@ -185,7 +182,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
                              "(or train without --tensorboard; metrics.jsonl has the same figures)") from None
         self.writer, self.image_shape = SummaryWriter(str(run_dir / "tensorboard")), image_shape
 
@@ -274,6 +271,8 @@ def train(
     leaves nothing behind.
     """
     claim = claim_run_dir(run_dir, overwrite, resume)  # refuses before any work
+    if resume:
+        check_resume(load_config(run_dir), config, run_dir)
     try:
         return _train(config, claim, quiet, dataset, log_every)
     except BaseException as e:
@@ -316,8 +315,10 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     objective = make_objective(model, guide, estimator, schedule)
     with pyro.validation_enabled(False):  # site names, shapes and plates; values come next
         check_pair(model, guide, first["x"], **first["context"])
-    check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
-    check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
+    check_data_support(model, dataset.train, f"the training data of {config.dataset!r}", dataset.binarize, guide,
+                       **first["context"])
+    check_data_support(model, dataset.test, f"the test data of {config.dataset!r}", guide=guide,
+                       **dataset.context(context_keys, slice(0, 2), "test"))
     if world.is_main:
         check_data_scale(model, dataset.train, guide=guide, **first["context"])  # a hint: --standardize
     check_first_step(objective, dataset, context_keys, config.batch_size)
@@ -350,10 +351,14 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][world.rank])
         start_epoch = state["epoch"] + 1
+        if state["epoch"] >= config.epochs:
+            raise ConfigError(f"{run_dir} has trained {state['epoch']} epochs, and --epochs {config.epochs} is the "
+                              f"total to reach: give --epochs {state['epoch'] + 10} (or any number above "
+                              f"{state['epoch']}) to train further")
         claim.saved_epoch = state["epoch"]
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
     if config.early_stopping and dataset.valid is None:
-        raise ValueError(f"--early-stopping {config.early_stopping} watches the validation split: "
+        raise ConfigError(f"--early-stopping {config.early_stopping} watches the validation split: "
                          f"add --validation N (e.g. --validation 10000)")
     if world.is_main:
         save_config(run_dir, config)
@@ -395,17 +400,11 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         metrics.append(row)
         rng = world.gather(rng_state())  # one state per rank: a resumed run draws what it would have
         if world.is_main:
-            write_metrics(run_dir, metrics)
-            save_checkpoint(run_dir, {
+            _save_epoch(claim, metrics, {
                 "model": model.state_dict(), "guide": guide.state_dict(),
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
                 "schedule": {**kl_weights, "progress_epochs": float(epoch)},
             })
-            best = best_epoch(metrics)
-            if best is not None and best[0] == epoch:
-                state = {"model": model.state_dict(), "guide": guide.state_dict(), "epoch": epoch,
-                         "criterion": best[1], "value": best[2]}
-                atomic_write(run_dir / BEST, lambda p, s=state: torch.save(s, p))
         claim.saved_epoch = epoch
         if board:
             board.log(epoch, row, model)
@@ -420,6 +419,25 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         print(f"early stopping after epoch {metrics[-1]['epoch']}: no better {best[1]} than epoch {best[0]}'s "
               f"{best[2]:.4f} for {config.early_stopping} epochs; its weights are in {run_dir / BEST}", file=sys.stderr)
     return metrics
+
+
+def _save_epoch(claim: RunClaim, metrics: list[dict], state: dict) -> None:
+    """metrics.jsonl, checkpoint.pt and (when this epoch is the best by the validation split)
+    best.pt, each written atomically. A write that fails (a full disk, a folder made read-only)
+    stops training with one line: the previous epoch's checkpoint is intact, and resumable."""
+    run_dir, epoch = claim.run_dir, state["epoch"]
+    try:
+        write_metrics(run_dir, metrics)
+        save_checkpoint(run_dir, state)
+        best = best_epoch(metrics)
+        if best is not None and best[0] == epoch:
+            save_checkpoint(run_dir, {"model": state["model"], "guide": state["guide"], "epoch": epoch,
+                                      "criterion": best[1], "value": best[2]}, BEST)
+    except OSError as e:
+        kept = (f"the checkpoint of epoch {claim.saved_epoch} is intact: free space (or fix the folder) and "
+                f"continue with `pyro-vae train --resume {run_dir}`" if claim.saved_epoch is not None
+                else "no epoch had been saved, so there is nothing to resume")
+        raise RunDirError(f"cannot save epoch {epoch}: {e.strerror}: {e.filename}; {kept}") from None
 
 
 def _patience_spent(metrics: list[dict], patience: int) -> bool:

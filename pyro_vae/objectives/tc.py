@@ -48,6 +48,7 @@ import math
 import torch
 from pyro import poutine
 
+from pyro_vae.errors import ConfigError, ProgramError
 from pyro_vae.objectives.base import (
     _divide,
     _reduce,
@@ -61,7 +62,7 @@ from pyro_vae.objectives.kl import _name, _unexpand, factors
 SAMPLINGS = ("mws", "mss")
 
 
-class NotFactorizedError(ValueError):
+class NotFactorizedError(ProgramError):
     """A program whose guide (or latent layout) beta-TCVAE's q(z) estimate cannot handle."""
 
 
@@ -131,9 +132,9 @@ class BetaTCVAE(ImportanceWeightedELBO):
     def __init__(self, beta: float = 1.0, alpha: float = 1.0, gamma: float = 1.0, sampling: str = "mws",
                  N: int | None = None, K: int = 1, max_plate_nesting: float = float("inf")):
         if sampling not in SAMPLINGS:
-            raise ValueError(f"beta-tcvae's sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+            raise ConfigError(f"beta-tcvae's sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         if N is not None and (not isinstance(N, int) or N < 1):
-            raise ValueError(f"beta-tcvae's N is the data set's size, a positive integer; got {N!r}")
+            raise ConfigError(f"beta-tcvae's N is the data set's size, a positive integer; got {N!r}")
         self.beta, self.alpha, self.gamma = float(beta), float(alpha), float(gamma)
         self.sampling, self.N = sampling, N
         self.train_size = None  # the training set's size, told by the training loop
@@ -148,7 +149,7 @@ class BetaTCVAE(ImportanceWeightedELBO):
             return plate.full_size
         if self.train_size:
             return self.train_size
-        raise ValueError("beta-tcvae needs the data set's size N to estimate q(z): give it as an option "
+        raise ConfigError("beta-tcvae needs the data set's size N to estimate q(z): give it as an option "
                          "(beta-tcvae:beta=6,N=737280), or subsample the data plate, "
                          "pyro.plate('data', N, subsample_size=B); pyro-vae train passes it itself")
 
