@@ -294,7 +294,8 @@ def traverse(model, guide, x: torch.Tensor, dims, span: float = 3.0, steps: int 
     z = codes.flat("a latent traversal")
     bad = [d for d in dims if not 0 <= d < z.shape[-1]]
     if bad:
-        raise ConfigError(f"latent dimensions {bad} do not exist: this model has {z.shape[-1]} (0..{z.shape[-1] - 1})")
+        raise ConfigError(f"--dims {' '.join(map(str, bad))}: no such latent dimension; this model has {z.shape[-1]} "
+                          f"(0..{z.shape[-1] - 1})")
     values = torch.linspace(-span, span, steps, device=z.device)
     grid = z[:, None, None, :].repeat(1, len(dims), steps, 1)
     for i, d in enumerate(dims):
@@ -563,8 +564,8 @@ def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False, t
     reads a run starts from (``trust_code``: see ``pyro_vae.run.load_run``)."""
     import pyro
 
+    from pyro_vae.distributed import resolve_device
     from pyro_vae.run import load_run
-    from pyro_vae.training import resolve_device
 
     pyro.set_rng_seed(seed)
     device = resolve_device(device)
@@ -603,10 +604,11 @@ def save_arrays(path: Path, array) -> Path:
     return path
 
 
-def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: int = 100, steps: int = 500,
+def impute_run(run_dir, missing: str | None = None, fraction: float = 0.5, n: int = 100, steps: int = 500,
                burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None,
                best: bool = False, trust_code: bool = False) -> dict:
-    """``impute`` on the first n test points of a run with ``missing`` features removed; writes
+    """``impute`` on the first n test points of a run with ``missing`` features removed (default:
+    the bottom half of images, a random half of other features); writes
     ``RUN/impute.json`` (RMSE beside the training-mean baseline, acceptance) and a figure
     (default ``RUN/figures/imputations.png``: for images input, truth, E[x_m | x_o] and one draw;
     for other features a scatter of pairs of features, and ``RUN/imputations.npy``)."""
@@ -617,6 +619,9 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
     config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     data = load_run_data(config, device, test_size=n, train_size=None, run_dir=run_dir)
     x = data.test
+    missing = missing or ("bottom-half" if config.image_shape else "random")
+    if not 0 <= burn_in < steps:
+        raise ConfigError(f"--burn-in {burn_in} must lie below --steps {steps}: the draws after it give E[x_m | x_o]")
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
     r = impute(model, guide, x, observed, steps, burn_in, seed, method, **run_context(model, guide, data))
     baseline = torch.where(observed, x, data.train.mean(0))

@@ -517,9 +517,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
 
+    from pyro_vae import __version__
     from pyro_vae.config import resumable_flags
 
     p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    p.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI",
@@ -589,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="PNG path (default RUN/figures/traversals.png)")
     m = run_parser("impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
                    "writes RUN/impute.json", cmd_impute)
-    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default="bottom-half",
-                   help="which features are missing (the halves need images)")
+    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default=None,
+                   help="which features are missing (the halves need images; default: bottom-half for images, "
+                        "random otherwise)")
     m.add_argument("--fraction", type=checked(float, above=0, at_most=0.999999), default=0.5, help="share of missing features, with --missing random")
     m.add_argument("--n", type=POSITIVE, default=100, help="test points")
     m.add_argument("--steps", type=POSITIVE, default=500, help="sampler steps")
@@ -671,9 +674,13 @@ def _report_bug(command: str) -> None:
     package = str(Path(__file__).parent)
     user = [f for f in frames if not f.filename.startswith(package) and "site-packages" not in f.filename
             and "<frozen" not in f.filename and not f.filename.startswith(sys.prefix)]
+    calls_user = frames and frames[-1].filename.endswith("programs.py") and frames[-1].name == "call"
     if user:
         print(f"pyro-vae {command}: the error above arose in your program ({user[-1].filename}, line "
               f"{user[-1].lineno}).", file=sys.stderr)
+    elif calls_user:  # a user's program that is a built-in or C function: no frame of its own
+        print(f"pyro-vae {command}: the error above arose in your program (the model or guide function "
+              f"pyro-vae called).", file=sys.stderr)
     else:
         print(f"pyro-vae {command}: this is a bug in pyro-vae, not in your input: please report it with the "
               f"command and the traceback above.", file=sys.stderr)

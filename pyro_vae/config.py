@@ -5,19 +5,25 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
-import torch
-
 from pyro_vae.errors import ConfigError
-from pyro_vae.guides import GUIDES
-from pyro_vae.likelihoods import BERNOULLI_FAMILY, LIKELIHOODS
-from pyro_vae.models import MODELS
-from pyro_vae.nets import ACTIVATIONS, NETS
-from pyro_vae.programs import build_programs
 from pyro_vae.settings import check_all, declarations, flag_name, setting
+
+# This module imports neither torch nor the model families at import time, so that the
+# `pyro-vae` flags (generated from TrainConfig) come up fast; names are looked up when checked.
+
+
+def _names(module: str, attr: str):
+    """The names in ``pyro_vae.<module>.<attr>`` (a registry, dict or tuple), read when needed."""
+    def names():
+        import importlib
+
+        found = getattr(importlib.import_module(f"pyro_vae.{module}"), attr)
+        return tuple(found.names() if hasattr(found, "names") else found)
+    return names
 
 # Architectures from the literature. A preset fills the architecture; explicit flags win.
 PRESETS: dict[str, dict] = {
@@ -67,19 +73,19 @@ class TrainConfig:
                                        "tanh) or iwae2 (two stochastic layers)", choices=lambda: tuple(PRESETS),
                                  optional=True)
     model: str = setting("vae", "model name (vae, linear, hvae2, cvae, ...; see the README) or "
-                                "package.module:Class", choices=MODELS.names, import_path=True)
+                                "package.module:Class", choices=_names("models", "MODELS"), import_path=True)
     guide: str = setting("gaussian", "guide name (gaussian, hvae2, conditional, ...; see the README) or "
-                                     "package.module:Class", choices=GUIDES.names,
+                                     "package.module:Class", choices=_names("guides", "GUIDES"),
                          import_path=True)
     z_dim: int = setting(20, "latent dimensions", **POSITIVE)
     hidden: list[int] = setting([400], "hidden layer sizes, e.g. --hidden 200 200", **POSITIVE, many=True)
-    activation: str = setting("relu", "activation of the hidden layers", choices=lambda: tuple(ACTIVATIONS))
+    activation: str = setting("relu", "activation of the hidden layers", choices=_names("nets", "ACTIVATIONS"))
     likelihood: str | None = setting(None, "bernoulli, continuous-bernoulli, gaussian, laplace, "
                                            "discretized-logistic (8-bit); default: the model's own (gaussian "
-                                           "for linear)", choices=LIKELIHOODS.names,
+                                           "for linear)", choices=_names("likelihoods", "LIKELIHOODS"),
                                      import_path=True, optional=True)
     net: str = setting("mlp", "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)",
-                       choices=NETS)
+                       choices=_names("nets", "NETS"))
     init_output_bias: bool = setting(False, "initialise the decoder output bias from the training mean", kind=bool)
     model_options: dict = setting({}, "arguments of the model's constructor (--model-option KEY=VALUE)", kind=dict)
     guide_options: dict = setting({}, "arguments of the guide's constructor (--guide-option KEY=VALUE)", kind=dict)
@@ -135,6 +141,9 @@ class TrainConfig:
         check_all(self)  # every field against its declaration
         if self.likelihood is None:
             self.likelihood = _default_likelihood(self.model)
+        from pyro_vae.likelihoods import BERNOULLI_FAMILY
+        from pyro_vae.models import MODELS
+
         if self.standardize and self.likelihood in BERNOULLI_FAMILY and self.model in MODELS:
             raise ConfigError(f"--standardize makes the data real-valued, and the {self.likelihood} likelihood "
                               f"needs data in [0, 1]: drop --standardize, or use --likelihood gaussian (or laplace)")
@@ -205,6 +214,8 @@ def _check_estimator(spec: str, particles: int) -> None:
 def _check_device(device: str) -> None:
     """``auto`` or a device string torch reads (cpu, cuda, cuda:1, ...)."""
     if device != "auto":
+        import torch
+
         try:
             torch.device(device)
         except RuntimeError:
@@ -214,6 +225,8 @@ def _check_device(device: str) -> None:
 def _default_likelihood(model: str) -> str:
     """The ``likelihood`` default of a built-in model's constructor (a user's class: bernoulli,
     without importing it)."""
+    from pyro_vae.models import MODELS
+
     if model in MODELS:
         param = inspect.signature(MODELS.get(model)).parameters.get("likelihood")
         if param is not None and isinstance(param.default, str):
@@ -221,7 +234,7 @@ def _default_likelihood(model: str) -> str:
     return "bernoulli"
 
 
-def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None = None):
+def build_model_and_guide(config: TrainConfig, train_mean=None):
     """Instantiate the configured model and guide (Pyro programs, as ``nn.Module``s).
 
     Built-ins and users' classes receive, of ``x_dim, z_dim, hidden, activation, net,
@@ -237,6 +250,10 @@ def build_model_and_guide(config: TrainConfig, train_mean: torch.Tensor | None =
                    train_mean=train_mean if config.init_output_bias else None, net=config.net,
                    image_shape=tuple(config.image_shape) if config.image_shape else None,
                    num_classes=config.num_classes)
+    from pyro_vae.guides import GUIDES
+    from pyro_vae.models import MODELS
+    from pyro_vae.programs import build_programs
+
     model, guide = build_programs(config.model, config.guide, offered, dict(config.model_options),
                                   dict(config.guide_options), MODELS, GUIDES)
     missing = set(getattr(model, "context_keys", ()) or ()) - set(getattr(guide, "context_keys", ()) or ())

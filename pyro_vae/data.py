@@ -397,6 +397,8 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None, *, 
     if path.suffix not in (".npy", ".pt", ".pth") or not path.exists():
         raise DataError(f"no .npy or .pt file at {path}")
     x, _ = _read_tensor_file(path)
+    if len(x) == 0:
+        raise DataError(f"{path} holds no rows: nothing to score")
     x = x.reshape(len(x), -1).float()
     check_finite(x, f"the points in {path}")
     if x_dim is not None and x.shape[1] != x_dim:

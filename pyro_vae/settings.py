@@ -157,12 +157,13 @@ def flag_name(name: str, spec: Setting | None = None) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> list[str]:
     """One flag per declared field (default None: "not given", so a config file or a resumed
     run supplies the value); returns the field names that got a flag."""
-    defaults = cls()
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}  # read, not built: building checks (and imports) names
     names = []
     for name, spec in declarations(cls).items():
         if not spec.flag or name in skip or spec.kind is dict:
             continue
-        text = f"{spec.help} (default: {getattr(defaults, name)})"
+        text = f"{spec.help} (default: {defaults[name]})"
         if spec.kind is bool:
             parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

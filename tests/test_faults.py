@@ -261,9 +261,16 @@ def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_intact(tmp_pat
         Path(p).write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device", str(p))
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         atomic_write(target, full_disk)
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f.json"]
+
+    def write_fails(p):  # a failed write() names no file: atomic_write names the target
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        atomic_write(target, write_fails)
+    assert e.value.filename == str(target)
 
 
 def test_a_full_disk_during_training_keeps_the_last_checkpoint_resumable(run, tmp_path, monkeypatch, capsys):
@@ -279,9 +286,10 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint_resumable(run, tm
     monkeypatch.setattr(Path, "write_bytes", full)
     code = run_cli("train", "--resume", run, "--epochs", 2, "--quiet")
     err = one_line_error(capsys, code, "cannot save epoch 2: No space left on device",
-                         "the checkpoint of epoch 1 is intact", f"--resume {run}")
+                         "the checkpoint of epoch 1 is intact", f"--resume {run} --epochs 2")
     assert "tmp" not in " ".join(os.listdir(run)), os.listdir(run)
     assert load_checkpoint(run)["epoch"] == 1 and not (run / ".lock").exists(), err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1  # config.json goes with the checkpoint
     monkeypatch.setattr(Path, "write_bytes", real)
     assert run_cli("train", "--resume", run, "--epochs", 2, "--quiet") == 0
     after = load_checkpoint(run)

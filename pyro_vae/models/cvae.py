@@ -145,4 +145,4 @@ class QuadrantCVAE(CVAE):
 
     def sample(self, n: int, mean: bool = True, y=None):
         raise ConfigError("cvae-quadrant completes given images rather than sampling from nothing: "
-                         "use model.complete(x) (see examples/cvae_quadrants.py)")
+                         "use model.complete(x) to complete the hidden quadrants of given images")

@@ -34,6 +34,7 @@ def _pyro_elbo(cls, K: int = 1, max_plate_nesting: float = float("inf"), **opts)
     the plate nesting guessed at the first call unless given."""
     if opts:
         raise ConfigError(f"unexpected options {sorted(opts)}")
+    K = importance.check_positive_int("K", K)
     return cls(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=max_plate_nesting)
 
 

@@ -50,7 +50,7 @@ from pyro_vae.objectives.base import (
 )
 
 
-def _check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -103,7 +103,7 @@ class ImportanceWeightedELBO(ELBO):
     detach_guide_params = False  # True: the path derivative (Roeder et al. 2017)
 
     def __init__(self, K: int = 1, max_plate_nesting: float = float("inf")):
-        super().__init__(num_particles=_check_positive_int("K", K), vectorize_particles=True)
+        super().__init__(num_particles=check_positive_int("K", K), vectorize_particles=True)
         self.max_plate_nesting = max_plate_nesting + 1  # the particle plate included, for every K
         self.layout = None  # VECTORIZED or REPEATED, decided at the first call (particle_layout)
 
@@ -270,7 +270,7 @@ class MIWAE(ImportanceWeightedELBO):
     name = "miwae"
 
     def __init__(self, M: int = 1, K: int = 1, max_plate_nesting: float = float("inf")):
-        self.M, self.K = _check_positive_int("M", M), _check_positive_int("K", K)
+        self.M, self.K = check_positive_int("M", M), check_positive_int("K", K)
         super().__init__(M * K, max_plate_nesting)
 
     def bound(self, lw):
