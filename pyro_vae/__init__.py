@@ -25,6 +25,7 @@ _API = {
     "evaluate_run": "pyro_vae.evaluation",
     "make_estimator": "pyro_vae.objectives",
     "Objective": "pyro_vae.objectives",
+    "disentangle_run": "pyro_vae.applications",
 }
 
 __all__ = ["__version__", *_API]

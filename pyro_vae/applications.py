@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyro.distributions as dist
@@ -495,35 +496,63 @@ def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200) -> float:
-    """Test accuracy of multinomial logistic regression fitted on (train_features, train_labels):
-    the usual probe of a representation (a linear read-out of what the features hold). Features
-    are standardized with the training rows' mean and spread; the loss is the mean cross-entropy
-    plus ``weight_decay`` * ||W||^2, minimized by L-BFGS (convex, so the answer is the optimum)."""
-    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
-        raise ValueError("features and labels must have the same number of rows")
+class LogisticRegression(NamedTuple):
+    """A fitted multinomial logistic regression on standardized features (``fit_logistic``)."""
+
+    weight: torch.Tensor  # (features, classes), for standardized features
+    bias: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (((features.double() - self.loc) / self.scale) @ self.weight + self.bias).argmax(-1)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        return float((self.predict(features) == labels.long()).double().mean())
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200,
+                 classes: int | None = None, balanced: bool = False) -> LogisticRegression:
+    """Multinomial logistic regression: features standardized with the rows' mean and spread;
+    the loss is the mean cross-entropy (each class weighted by 1/its frequency when
+    ``balanced``) plus ``weight_decay`` * ||W||^2, minimized by L-BFGS (convex, so the answer is
+    the optimum)."""
     with torch.no_grad():
-        f_train, f_test = train_features.double(), test_features.double()
-        loc = f_train.mean(0)
-        scale = f_train.std(0).clamp(min=1e-6) if len(f_train) > 1 else torch.ones_like(loc)
-        f_train, f_test = (f_train - loc) / scale, (f_test - loc) / scale
-        classes = int(max(train_labels.max(), test_labels.max())) + 1
-    weight = torch.zeros(f_train.shape[1], classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
-    bias = torch.zeros(classes, dtype=torch.float64, device=f_train.device, requires_grad=True)
+        f = features.double()
+        loc = f.mean(0)
+        scale = f.std(0).clamp(min=1e-6) if len(f) > 1 else torch.ones_like(loc)
+        f = (f - loc) / scale
+        y = labels.long()
+        classes = classes or int(y.max()) + 1
+        class_weight = None
+        if balanced:
+            counts = torch.bincount(y, minlength=classes).double()
+            class_weight = torch.where(counts > 0, len(y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    weight = torch.zeros(f.shape[1], classes, dtype=torch.float64, device=f.device, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, device=f.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-    y = train_labels.long()
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(f_train @ weight + bias, y) + weight_decay * weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(f @ weight + bias, y, weight=class_weight) + weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    with torch.no_grad():
-        return float(((f_test @ weight + bias).argmax(-1) == test_labels.long()).double().mean())
+    return LogisticRegression(weight.detach(), bias.detach(), loc, scale)
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, weight_decay: float = 1e-3, max_iter: int = 200) -> float:
+    """Test accuracy of multinomial logistic regression fitted on (train_features, train_labels)
+    (``fit_logistic``): the usual probe of a representation (a linear read-out of what the
+    features hold)."""
+    if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
+        raise ValueError("features and labels must have the same number of rows")
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return fit_logistic(train_features, train_labels, weight_decay, max_iter, classes).accuracy(test_features, test_labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,4 +727,52 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
               "probe": "multinomial logistic regression, standardized features, L-BFGS, weight decay 1e-3",
               "rows": rows}
     write_json(run_dir / "represent.json", result)
+    return result
+
+
+def disentangle_run(run_dir, points: int = 20_000, seed: int = 0, device: str = "auto", best: bool = False,
+                    trust_code: bool = False, span: float = 3.0, steps: int = 9, index: int = 0,
+                    chunk: int = 2000) -> dict:
+    """The disentanglement metrics (``pyro_vae.disentanglement.all_metrics``) of a run's codes
+    E_q[z|x] (``latent_codes``, every site side by side) on ``points`` test rows of data that
+    carry factor labels (``dsprites`` or the dSprites ``.npz``), the reconstruction term
+    -E_q log p(x|z) on up to 2,000 of them (``evaluate``, 10 particles), the total correlation of
+    the aggregate posterior on up to 5,000 (``objectives.tc.total_correlation``), and a traversal figure
+    of test point ``index`` with one row per code, labelled by the factor it shares most
+    information with (``RUN/figures/disentangle_traversals.png``). Writes ``RUN/disentangle.json``."""
+    from pyro_vae.data import load_run_data
+    from pyro_vae.disentanglement import all_metrics, captured_factor
+    from pyro_vae.objectives.tc import NotFactorizedError, total_correlation
+    from pyro_vae.plots import save_image_grid
+
+    run_dir = Path(run_dir)
+    config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
+    data = load_run_data(config, device, test_size=points, run_dir=run_dir)
+    if data.test_factors is None:
+        raise DataError(f"the data of this run ({config.dataset!r}) carry no factor labels, which the metrics "
+                         f"compare the codes with: train on --dataset dsprites or the dSprites .npz file")
+    if run_context(model, guide, data):
+        raise ProgramError("the disentanglement metrics read codes of unlabelled points, and this run's model takes "
+                         "labels as context: measure an unconditional run")
+    x, factors = data.test, data.test_factors
+    codes = torch.cat([latent_codes(model, guide, x[i : i + chunk], seed=seed).flat() for i in range(0, len(x), chunk)])
+    result = {"points": len(x), "latent_dims": codes.shape[1], "factor_names": list(data.factor_names),
+              **all_metrics(codes.cpu(), factors.cpu(), seed=seed)}
+    result["reconstruction"] = float(evaluate(model, guide, x[:2000], k=10, psis=False, seed=seed)["distortion"])
+    try:  # what beta-TCVAE penalizes, where the guide factorizes
+        result["total_correlation"] = total_correlation(model, guide, x[:5000], seed=seed)
+    except NotFactorizedError:
+        result["total_correlation"] = None
+    names = captured_factor(result["mutual_information"], data.factor_names, codes.cpu())
+    result["captured_factor"] = names
+    mi = np.asarray(result["mutual_information"]).max(1)
+    dims = [int(d) for d in np.argsort(-mi)]  # the most informative codes first
+    if is_image(config, x.shape[-1]):
+        grid = traverse(model, guide, x[index : index + 1], dims, span, steps)[0]
+        out = save_image_grid(grid.reshape(-1, x.shape[-1]), run_dir / "figures" / "disentangle_traversals.png",
+                              config.image_shape, nrow=steps, row_labels=[f"z{d}: {names[d]}" for d in dims],
+                              title=f"test point {index}: each code from -{span:g} to {span:g}, labelled by the "
+                                    f"factor it shares most information with")
+        result["traversal_figure"] = str(out)
+    write_json(run_dir / "disentangle.json", result)
     return result

@@ -1,5 +1,5 @@
 """The ``pyro-vae`` command: parse, call the library, print. Subcommands:
-train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, represent, compare, demo."""
+train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, represent, disentangle, compare, demo."""
 
 from __future__ import annotations
 
@@ -400,6 +400,23 @@ def cmd_traverse(args) -> int:
     return 0
 
 
+def cmd_disentangle(args) -> int:
+    from pyro_vae.applications import disentangle_run
+
+    r = disentangle_run(args.run, args.points, args.seed, args.device, args.best, args.trust_code, args.span,
+                        args.steps, args.index)
+    rows = [(key, f"{r[key]:.4f}") for key in ("mig", "beta_vae_score", "factor_vae_score", "dci_disentanglement",
+                                               "dci_completeness", "dci_informativeness_test", "sap", "reconstruction")]
+    if r.get("total_correlation") is not None:
+        rows.append(("total correlation (nats)", f"{r['total_correlation']:.4f}"))
+    rows += [("points", str(r["points"])), ("active codes (FactorVAE)", f"{r['active_codes']} of {r['latent_dims']}"),
+             ("factor per code", " ".join(f"z{j}:{name}" for j, name in enumerate(r["captured_factor"])))]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    _written(Path(args.run) / "disentangle.json", r.get("traversal_figure", ""))
+    return 0
+
+
 def cmd_impute(args) -> int:
     from pyro_vae.applications import impute_run
 
@@ -600,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data", help="a .npy or .pt file of points to score against the test set")
     a.add_argument("--test-size", type=POSITIVE, help="score the first N test points only")
     a.add_argument("--out", help="PNG path (default RUN/figures/anomalies.png)")
+
+    g = run_parser("disentangle", "disentanglement metrics of the codes against the data's factor labels (MIG, "
+                   "beta-VAE, FactorVAE, DCI, SAP; dsprites): writes RUN/disentangle.json and a traversal PNG "
+                   "with each code labelled by its factor", cmd_disentangle)
+    g.add_argument("--points", type=int, default=20_000, help="test points whose codes the metrics read")
+    g.add_argument("--index", type=int, default=0, help="the test point of the traversal figure")
+    g.add_argument("--span", type=float, default=3.0, help="traversal values from -span to span")
+    g.add_argument("--steps", type=int, default=9)
 
     c = sub.add_parser("compare", help="train one model per ELBO estimator and compare them",
                        description=cmd_compare.__doc__ + " Writes OUT/compare.md, OUT/compare.csv, "

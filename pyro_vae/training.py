@@ -41,6 +41,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World, resolve_device  # noqa: F401 (also the training API)
 from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
+from pyro_vae.objectives.tc import tell_dataset_size
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys
@@ -355,7 +356,8 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
         for module in (model, guide):
             autocast_layers(module, device.type, amp_dtype(config.amp))
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
-    objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    estimator = tell_dataset_size(make_estimator(config.estimator, config.particles), len(dataset.train))  # beta-tcvae's N
+    objective = make_objective(model, guide, estimator, schedule)
     _check_before_training(objective, dataset, context_keys, first, config, world, quiet)
     if config.jit:
         objective = TracedObjective(objective)

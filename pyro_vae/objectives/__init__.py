@@ -120,3 +120,8 @@ from pyro_vae.objectives import importance  # noqa: E402
 for _cls in (importance.IWAE, importance.STL, importance.DReG, importance.MIWAE,
              importance.CIWAE, importance.PIWAE, importance.Renyi):
     ESTIMATORS.register(_cls.name)(_cls)
+
+from pyro_vae.objectives.tc import BetaTCVAE, tell_dataset_size  # noqa: E402
+
+ESTIMATORS.register(BetaTCVAE.name)(BetaTCVAE)
+__all__ += ["BetaTCVAE", "tell_dataset_size"]
