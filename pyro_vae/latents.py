@@ -142,15 +142,13 @@ def _site_std(fn, value_shape, num_samples: int) -> tuple[torch.Tensor, bool]:
 
 
 @torch.no_grad()
-def _moments(model, guide, x, num_samples: int, seed: int, **context) -> tuple[dict, dict, bool]:
-    """({site: mean}, {site: std}, exact) of the rows of x: the means from ``latent_codes``."""
-    codes = latent_codes(model, guide, x, num_samples=num_samples, seed=seed, **context)
-    codes.flat("encoding into a Gaussian latent")  # refuses discrete sites, by name
+def _stds(model, guide, x, num_samples: int, seed: int, **context) -> tuple[dict, bool]:
+    """({site: std}, exact) of q(z|x) for the rows of x: ``guide.posterior(x)`` (the faster
+    path, the first site), else each site of a guide trace at the codes above it (``MeanCodes``)."""
     if _has_fast_path(model, guide):
         q = guide.posterior(x, **context)
-        name = next(iter(codes.values))
-        std, exact = _site_std(q, codes.values[name].shape, num_samples)
-        return codes.values, {name: std}, exact
+        std, exact = _site_std(q, q.batch_shape + q.event_shape, num_samples)
+        return {"z": std}, exact
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         with MeanCodes(num_samples):
@@ -159,23 +157,25 @@ def _moments(model, guide, x, num_samples: int, seed: int, **context) -> tuple[d
     for site in latent_sites(trace):
         stds[site["name"]], ok = _site_std(site["fn"], site["value"].shape, num_samples)
         exact = exact and ok
-    return codes.values, stds, exact
+    return stds, exact
 
 
 @torch.no_grad()
 def encode(model, guide, x: torch.Tensor, num_samples: int = 64, seed: int = 0, chunk: int = 1000,
            **context) -> EncoderOutput:
     """q(z|x) of each row of x as ``EncoderOutput(latent_dist=DiagonalGaussian(mean, std))``
-    (diffusers' ``AutoencoderKL.encode(x).latent_dist``); rows in chunks of ``chunk``."""
-    means, stds, exact, layout = [], [], True, None
+    (diffusers' ``AutoencoderKL.encode(x).latent_dist``): the means are ``latent_codes``'s (so
+    ``decode`` of them is ``reconstruct``), the scales computed ``chunk`` rows at a time."""
+    codes = latent_codes(model, guide, x, num_samples=num_samples, seed=seed, **context)
+    codes.flat("encoding into a Gaussian latent")  # refuses discrete sites, by name
+    layout = LatentLayout({k: list(v.shape[1:]) for k, v in codes.values.items()})
+    stds, exact = [], True
     for i in range(0, len(x), chunk):
         index = torch.arange(i, min(i + chunk, len(x)), device=x.device)
-        m, s, ok = _moments(model, guide, x[index], num_samples, seed, **take_rows(context, index, len(x)))
-        layout = layout or LatentLayout({k: list(v.shape[1:]) for k, v in m.items()})
-        means.append(layout.flat(m, len(index)))
-        stds.append(layout.flat(s, len(index)))
+        s, ok = _stds(model, guide, x[index], num_samples, seed, **take_rows(context, index, len(x)))
+        stds.append(layout.flat(dict(zip(codes.values, s.values())), len(index)))
         exact = exact and ok
-    return EncoderOutput(DiagonalGaussian(torch.cat(means), torch.cat(stds), exact))
+    return EncoderOutput(DiagonalGaussian(layout.flat(codes.values, len(x)), torch.cat(stds), exact))
 
 
 def latent_layout(model, guide, x: torch.Tensor, **context) -> LatentLayout:
@@ -254,10 +254,12 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
       training latents;
     - ``kind`` ("gaussian"; a VQ-VAE's run will write "codes", its splits ``{"codes": indices}``),
       ``sites`` ({site: shape}), ``shape``, ``exact`` (closed-form scales), ``run``, ``epoch``,
-      ``best`` (the checkpoint the latents come from).
+      ``best`` (the checkpoint the latents come from), ``context`` (what the programs take
+      besides x: ``["y"]`` for a class-conditional model).
     """
     from pyro_vae.applications import open_run, run_context
     from pyro_vae.data import load_points, load_run_data
+    from pyro_vae.programs import context_keys
     from pyro_vae.run import load_checkpoint
 
     config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
@@ -277,7 +279,7 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
             out[name]["labels"] = labels.cpu()
         out["exact"] = out.get("exact", True) and q.exact
     layout = latent_layout(model, guide, d.test, **run_context(model, guide, d))
-    out.update(sites=layout.sites, shape=list(layout.shape))
+    out.update(sites=layout.sites, shape=list(layout.shape), context=list(context_keys(model, guide)))
     out.update(aggregate_statistics(out["train"]["mean"], out["train"]["std"]))
     return out
 

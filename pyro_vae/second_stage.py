@@ -108,7 +108,7 @@ class GaussianMixturePrior(nn.Module):
             nk = resp.sum(0) + 1e-10
             loc = (resp.T @ z) / nk[:, None]
             diff = z[None] - loc[:, None]
-            cov = torch.einsum("kn,kni,knj->kij", resp.T, diff, diff) / nk[:, None, None] + self.reg * eye
+            cov = (resp.T[..., None] * diff).transpose(1, 2) @ diff / nk[:, None, None] + self.reg * eye
             mix = torch.distributions.MixtureSameFamily(
                 torch.distributions.Categorical(probs=nk / n), torch.distributions.MultivariateNormal(loc, cov))
             # E step: responsibilities, and the mean log-likelihood to watch
@@ -226,7 +226,7 @@ class DiffusionPrior(nn.Module):
     moving average (decay ``ema``) of the trained ones. Vector latents get ``ResidualMLP``, grids
     (C, H, W) ``SmallUNet`` (``hidden`` is the MLP's width, or the U-Net's channels)."""
 
-    def __init__(self, shape, hidden: int = 512, blocks: int = 3, timesteps: int = 1000, train_steps: int = 20000,
+    def __init__(self, shape, hidden: int = 256, blocks: int = 3, timesteps: int = 1000, train_steps: int = 10000,
                  batch_size: int = 512, lr: float = 1e-3, ema: float = 0.999, seed: int = 0):
         super().__init__()
         self.shape, self.hidden, self.blocks, self.timesteps = list(shape), hidden, blocks, timesteps
@@ -379,6 +379,9 @@ def fit_prior_run(run_dir, kind: str = "diffusion", options: dict | None = None,
     if cls is None:
         raise PriorError(f"unknown latent prior kind {kind!r}; known: {', '.join(LATENT_PRIORS.names())}")
     encoded = encode_run(run_dir, seed=seed, device=device, best=best, trust_code=trust_code)
+    if encoded["context"]:
+        raise PriorError(f"{run_dir}'s model takes {encoded['context']} as context, and a second-stage prior is "
+                         f"unconditional: fit it to a run of an unconditional model")
     device = torch.device(resolve_device(device))
     scale = encoded["scaling_factor"]
     latents = Latents(encoded["train"]["mean"].to(device) * scale, encoded["train"]["std"].to(device) * scale,
