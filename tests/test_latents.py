@@ -91,22 +91,23 @@ def test_scaling_factor_matches_its_definition():
 
 def test_diffusion_prior_learns_a_two_dimensional_mixture():
     # two Gaussians with unequal spread and a correlation: the samples' weights, means and
-    # covariances match the mixture's (measured: weight 0.51, |mean error| 0.03, |cov error| 0.06)
+    # covariances match the mixture's (measured: weight 0.504, |mean error| <= 0.016, |cov error| <= 0.04
+    # per component, 0.075 for the whole)
     g = torch.Generator().manual_seed(0)
     n = 4000
     k = torch.rand(n, generator=g) < 0.5
     a = torch.tensor([-2.0, 0.0]) + 0.5 * torch.randn(n, 2, generator=g)
     b = torch.tensor([2.0, 1.0]) + torch.randn(n, 2, generator=g) @ torch.tensor([[0.6, 0.3], [0.0, 0.3]])
     z = torch.where(k[:, None], a, b)
-    prior = DiffusionPrior([2], hidden=128, blocks=2, train_steps=2000, batch_size=256, lr=2e-3, ema=0.99)
+    prior = DiffusionPrior([2], hidden=64, blocks=2, train_steps=1000, batch_size=256, lr=2e-3, ema=0.99)
     prior.fit(Latents(z, torch.zeros_like(z)))
-    s = prior.sample(20000, torch.Generator().manual_seed(1), steps=100)
-    assert float((s[:, 0] < 0).float().mean()) == pytest.approx(0.5, abs=0.04)
+    s = prior.sample(10000, torch.Generator().manual_seed(1), steps=50)
+    assert float((s[:, 0] < 0).float().mean()) == pytest.approx(float(k.float().mean()), abs=0.03)
     for side, truth in ((s[:, 0] < 0, z[k]), (s[:, 0] >= 0, z[~k])):
-        assert (s[side].mean(0) - truth.mean(0)).abs().max() < 0.12
-        assert (torch.cov(s[side].T) - torch.cov(truth.T)).abs().max() < 0.12
+        assert (s[side].mean(0) - truth.mean(0)).abs().max() < 0.1
+        assert (torch.cov(s[side].T) - torch.cov(truth.T)).abs().max() < 0.1  # entries 0.09 to 0.45
     assert (s.mean(0) - z.mean(0)).abs().max() < 0.1
-    assert (torch.cov(s.T) - torch.cov(z.T)).abs().max() < 0.3  # total covariance, 4.3 in the first entry
+    assert (torch.cov(s.T) - torch.cov(z.T)).abs().max() < 0.25  # the whole covariance, 4.3 in the first entry
 
 
 def test_gmm_prior_recovers_a_mixture_and_round_trips_through_a_file(tmp_path):
