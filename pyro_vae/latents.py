@@ -233,6 +233,21 @@ class LatentCodec:
     def decode(self, z: torch.Tensor, **context) -> DecoderOutput:
         return decode(self.model, z, self.like, self.layout, **context)
 
+    @classmethod
+    def from_run(cls, run_dir, device: str = "cpu", best: bool = False, trust_code: bool = False) -> LatentCodec:
+        """A run's pair, with the scaling factor of its ``RUN/latents.pt`` (``pyro-vae encode``),
+        else of its training latents encoded now."""
+        from pyro_vae.applications import open_run, run_context
+        from pyro_vae.data import load_run_data
+
+        config, model, guide, device = open_run(run_dir, device, 0, best, trust_code)
+        data = load_run_data(config, device, test_size=1, run_dir=run_dir)
+        stored = Path(run_dir) / "latents.pt"
+        latents = read_latents(stored) if stored.exists() else encode_run(run_dir, device=str(device), best=best,
+                                                                          trust_code=trust_code)
+        layout = latent_layout(model, guide, data.test, **run_context(model, guide, data))
+        return cls(model, guide, data.test[:1], latents["scaling_factor"], layout)
+
 
 # ----------------------------------------------------------------------------------------------
 # a run directory: `pyro-vae encode` and `pyro-vae decode`

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyro_vae
 from pyro_vae.applications import reconstruct
 from pyro_vae.cli import main
 from pyro_vae.config import TrainConfig
@@ -177,7 +178,15 @@ def test_encode_decode_prior_and_sample_through_a_run(run, tmp_path, capsys):
     torch.save(scaled, tmp_path / "scaled.pt")
     assert cli("decode", run, tmp_path / "scaled.pt", "--scaled") == 0
     assert torch.allclose(torch.from_numpy(np.load(run / "decoded.npy")), decoded, atol=1e-5)
-    assert decode(model, latents["test"]["mean"], x).sample.shape == (40, 2)
+    codec = pyro_vae.LatentCodec.from_run(run)  # diffusers' verbs, the file's scaling factor
+    assert codec.scaling_factor == latents["scaling_factor"]
+    assert torch.allclose(codec.encode(x[:5]).latent_dist.mean, encode(model, guide, x[:5]).latent_dist.mean)
+    assert torch.allclose(codec.decode(latents["test"]["mean"]).sample, decoded, atol=1e-5)
+    np.save(tmp_path / "more.npy", x[:7].numpy())
+    assert cli("encode", run, "--data", tmp_path / "more.npy", "--out", tmp_path / "more.pt") == 0
+    more = torch.load(tmp_path / "more.pt", weights_only=True)
+    assert torch.allclose(more["data"]["mean"], codec.encode(x[:7]).latent_dist.mean)
+    assert more["scaling_factor"] == pytest.approx(latents["scaling_factor"])
 
     assert cli("prior", run, "--kind", "gmm", "--components", 3, "--quiet") == 0
     assert cli("prior", run, "--kind", "diffusion", "--train-steps", 30, "--hidden", 32, "--quiet") == 0
