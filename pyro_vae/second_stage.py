@@ -71,7 +71,7 @@ class GaussianMixturePrior(nn.Module):
     variational to deterministic autoencoders", ex-post density estimation). k-means++ starts,
     ``reg`` added to each covariance's diagonal (scikit-learn's ``reg_covar``)."""
 
-    def __init__(self, shape, components: int = 10, iterations: int = 200, reg: float = 1e-6, seed: int = 0):
+    def __init__(self, shape, components: int = 10, iterations: int = 100, reg: float = 1e-6, seed: int = 0):
         super().__init__()
         self.shape, self.components, self.iterations, self.reg, self.seed = list(shape), components, iterations, reg, seed
         d = math.prod(shape)
@@ -107,12 +107,13 @@ class GaussianMixturePrior(nn.Module):
             # M step: weights, means and covariances from the responsibilities
             nk = resp.sum(0) + 1e-10
             loc = (resp.T @ z) / nk[:, None]
-            diff = z[None] - loc[:, None]
+            diff = z[None] - loc[:, None]  # (k, n, d)
             cov = (resp.T[..., None] * diff).transpose(1, 2) @ diff / nk[:, None, None] + self.reg * eye
-            mix = torch.distributions.MixtureSameFamily(
-                torch.distributions.Categorical(probs=nk / n), torch.distributions.MultivariateNormal(loc, cov))
             # E step: responsibilities, and the mean log-likelihood to watch
-            log_joint = mix.component_distribution.log_prob(z[:, None]) + mix.mixture_distribution.logits
+            tril = torch.linalg.cholesky(cov)
+            maha = torch.linalg.solve_triangular(tril, diff.transpose(1, 2), upper=False).pow(2).sum(1)  # (k, n)
+            log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            log_joint = (-0.5 * (maha + d * math.log(2 * math.pi)) - log_det[:, None] + (nk / n).log()[:, None]).T
             log_lik = torch.logsumexp(log_joint, -1)
             resp = (log_joint - log_lik[:, None]).exp()
             mean_ll = float(log_lik.mean())
@@ -121,7 +122,7 @@ class GaussianMixturePrior(nn.Module):
             previous = mean_ll
         self.logits.copy_((nk / n).log().float())
         self.loc.copy_(loc.float())
-        self.scale_tril.copy_(torch.linalg.cholesky(cov).float())
+        self.scale_tril.copy_(tril.float())
         return {"iterations": it + 1, "mean_log_likelihood": mean_ll}
 
     @torch.no_grad()
