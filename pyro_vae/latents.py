@@ -189,9 +189,13 @@ def decode(model, z: torch.Tensor, like: torch.Tensor, layout: LatentLayout | No
            **context) -> DecoderOutput:
     """E[x|z] of each row of z (unscaled latents) as ``DecoderOutput(sample=(M, D))``
     (diffusers' ``decode(z).sample``): the model conditioned on the latent sites of ``layout``
-    (default: one site, the model's ``decode`` path) on placeholder rows, copies of ``like``'s
+    (default: the model's ``decode(z)``, where it has one) on placeholder rows, copies of ``like``'s
     first row (never scored)."""
-    layout = layout or LatentLayout({"z": list(z.shape[1:])})
+    if layout is None:
+        if not _has_fast_path(model):  # conditioning on a site the model lacks would decode prior draws
+            raise ValueError("decoding a program without a decode(z) method needs the latent sites: pass "
+                             "layout=latent_layout(model, guide, x), or use LatentCodec")
+        layout = LatentLayout({"z": list(z.shape[1:])})
     layout.check(z, "z")
     z = z.reshape(len(z), *layout.shape)
     out = []

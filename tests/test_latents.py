@@ -70,6 +70,9 @@ def test_encode_then_decode_equals_reconstruct(kind):
         assert q.exact and torch.allclose(q.std, functional.encoder(x).chunk(2, -1)[1].exp(), atol=1e-6)
     if kind == "iaf":  # a flow: moment-matched from draws, and said so
         assert not q.exact and (q.std > 0).all()
+    if kind == "functional":
+        with pytest.raises(ValueError, match="needs the latent sites"):
+            decode(model, q.mode(), x)
     kl = q.kl()
     assert kl.shape == (30,) and (kl >= 0).all()
 
