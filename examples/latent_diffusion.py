@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pyro_vae.applications import prior_samples, reconstruct
-from pyro_vae.classifier import sample_quality, train_classifier
+from pyro_vae.classifier import Classifier, sample_quality, train_classifier
 from pyro_vae.config import TrainConfig
 from pyro_vae.data import load_dataset
 from pyro_vae.latents import decode
@@ -51,9 +51,16 @@ for name, run in runs.items():
 
 grey = load_dataset("mnist", "cpu")
 t0 = time.perf_counter()
-classifier = train_classifier(grey, epochs=args.classifier_epochs)
+saved = out / f"classifier-{args.classifier_epochs}epochs.pt"
+if saved.exists():  # the classifier of an earlier call (seeded: the same weights)
+    classifier = Classifier(grey.x_dim, grey.num_classes, image_shape=grey.image_shape)
+    classifier.load_state_dict(torch.load(saved, weights_only=True))
+    classifier.eval()
+else:
+    classifier = train_classifier(grey, epochs=args.classifier_epochs)
+    torch.save(classifier.state_dict(), saved)
 print(f"classifier: test accuracy {accuracy(classifier, grey.test, grey.test_labels):.4f} "
-      f"({args.classifier_epochs} epochs, {time.perf_counter() - t0:.0f} s)")
+      f"({args.classifier_epochs} epochs, {time.perf_counter() - t0:.0f} s; {saved})")
 
 vae = runs["vae"]
 fitted = {}

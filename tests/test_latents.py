@@ -221,3 +221,19 @@ def test_latent_commands_fail_with_one_line_naming_the_fix(run, tmp_path, capsys
     with pytest.raises(PriorError, match="not a pyro-vae latent prior"):
         torch.save({"kind": "gmm"}, run / "priors" / "gmm.pt")
         load_prior(run / "priors" / "gmm.pt")
+
+
+def test_frechet_distance_is_exact_for_an_affine_map_and_sample_quality_reports_classes():
+    from pyro_vae.classifier import Classifier, frechet_distance, sample_quality
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3000, 3, generator=g) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.7]])
+    # b = 2a + 1: ||1||^2 + tr(S + 4S - 2 (4 S^2)^{1/2}) = 3 + tr S, S the sample covariance of a
+    expected = 3 + float(torch.cov(a.T.double()).trace())
+    assert frechet_distance(a, 2 * a + 1) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    clf = Classifier(16, 4, hidden=[8], net="mlp")
+    q = sample_quality(clf, torch.rand(200, 16), torch.rand(300, 16))
+    assert sum(q["class_histogram"]) == pytest.approx(1.0, abs=1e-3) and len(q["class_histogram"]) == 4
+    assert 0.25 <= q["mean_confidence"] <= 1 and q["frechet_distance"] >= 0
