@@ -228,8 +228,8 @@ def test_frechet_distance_is_exact_for_an_affine_map_and_sample_quality_reports_
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3000, 3, generator=g) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.7]])
-    # b = 2a + 1: ||1||^2 + tr(S + 4S - 2 (4 S^2)^{1/2}) = 3 + tr S, S the sample covariance of a
-    expected = 3 + float(torch.cov(a.T.double()).trace())
+    # b = 2a + 1: ||mean(a) + 1||^2 + tr(S + 4S - 2 (4 S^2)^{1/2}) = ||mean(a) + 1||^2 + tr S
+    expected = float(((a.double().mean(0) + 1) ** 2).sum() + torch.cov(a.T.double()).trace())
     assert frechet_distance(a, 2 * a + 1) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     torch.manual_seed(0)
