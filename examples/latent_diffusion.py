@@ -32,8 +32,8 @@ p.add_argument("--out", default="runs/example-latent-diffusion", help="folder of
 p.add_argument("--epochs", type=int, default=30, help="VAE training epochs (where a run is not there yet)")
 p.add_argument("--train-steps", type=int, default=10000, help="diffusion training steps (batches of 512)")
 p.add_argument("--hidden", type=int, default=256, help="width of the diffusion MLP")
-p.add_argument("--sample-steps", type=int, default=100, help="denoising steps when sampling")
-p.add_argument("--eta", type=float, default=1.0, help="1: ancestral DDPM sampling, 0: deterministic DDIM")
+p.add_argument("--sample-steps", type=int, default=50, help="denoising steps of the DDIM sampler (eta=0)")
+p.add_argument("--ddpm-steps", type=int, default=100, help="denoising steps of the ancestral DDPM sampler (eta=1)")
 p.add_argument("--components", type=int, default=10, help="GMM components")
 p.add_argument("--n", type=int, default=10000, help="samples per prior")
 p.add_argument("--classifier-epochs", type=int, default=2)
@@ -88,12 +88,13 @@ def timed(name, draw):
 torch.manual_seed(0)
 timed("N(0, I) prior", lambda: prior_samples(model, args.n, like))
 timed(f"GMM prior (K={args.components})", lambda: decode(model, sample_latents(*fitted["gmm"], args.n), like).sample)
-timed(f"diffusion prior ({args.sample_steps} steps, eta={args.eta:g})",
-      lambda: decode(model, sample_latents(*fitted["diffusion"], args.n, steps=args.sample_steps, eta=args.eta),
-                     like).sample)
+timed(f"diffusion prior (DDIM, {args.sample_steps} steps)",
+      lambda: decode(model, sample_latents(*fitted["diffusion"], args.n, steps=args.sample_steps), like).sample)
+timed(f"diffusion prior (DDPM, {args.ddpm_steps} steps)",
+      lambda: decode(model, sample_latents(*fitted["diffusion"], args.n, steps=args.ddpm_steps, eta=1.0), like).sample)
 timed("VampPrior model (vamp)", lambda: prior_samples(vamp, args.n, like))
 t = time.perf_counter()
-diffusion_latents = sample_latents(*fitted["diffusion"], args.n, steps=args.sample_steps, eta=args.eta)
+diffusion_latents = sample_latents(*fitted["diffusion"], args.n, steps=args.sample_steps)
 latent_seconds = time.perf_counter() - t
 binary_test = load_dataset("binarized-mnist", "cpu").test
 timed("(test reconstructions)", lambda: reconstruct(model, guide, binary_test[: args.n]))
@@ -111,8 +112,9 @@ base = fd["N(0, I) prior"]
 for name in fd:
     if name.startswith(("GMM", "diffusion", "Vamp")):
         print(f"{name}: FD {fd[name]:.2f} = {fd[name] / base:.2f} x the N(0, I) prior's ({base:.2f})")
-print(f"diffusion sampling of {args.n} latents: {latent_seconds:.1f} s ({torch.get_num_threads()} threads)")
+print(f"diffusion sampling of {args.n} latents (DDIM, {args.sample_steps} steps): {latent_seconds:.1f} s "
+      f"({torch.get_num_threads()} threads)")
 figure = vae / "figures" / "samples-by-prior.png"
 grid = torch.cat([x[:16] for name, (x, _) in samples.items() if not name.startswith("(")])
 print(save_image_grid(grid, figure, (1, 28, 28), nrow=16,
-                      title="rows: N(0, I), GMM, diffusion prior, VampPrior model"))
+                      title="rows: N(0, I), GMM, diffusion (DDIM), diffusion (DDPM), VampPrior model"))

@@ -174,6 +174,6 @@ def add_sample_prior_flags(s) -> None:
     """``sample``'s flags for a second stage."""
     s.add_argument("--prior", help="draw the latents from this second stage of the run (`pyro-vae prior RUN --kind "
                                    "KIND` fits it): diffusion, gmm")
-    s.add_argument("--denoising-steps", type=int, default=100, help="with --prior diffusion: sampling steps")
-    s.add_argument("--eta", type=float, default=1.0,
-                   help="with --prior diffusion: 1 ancestral DDPM sampling, 0 deterministic DDIM")
+    s.add_argument("--denoising-steps", type=int, default=50, help="with --prior diffusion: sampling steps")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="with --prior diffusion: 0 deterministic DDIM (the default), 1 ancestral DDPM sampling")

@@ -96,7 +96,8 @@ def test_scaling_factor_matches_its_definition():
 def test_diffusion_prior_learns_a_two_dimensional_mixture():
     # two Gaussians with unequal spread and a correlation: the samples' weights, means and
     # covariances match the mixture's (measured: weight 0.504, |mean error| <= 0.016, |cov error| <= 0.04
-    # per component, 0.075 for the whole)
+    # per component, 0.075 for the whole; the deterministic DDIM sampler of this small model spreads
+    # the components wider, covariance 0.35 for 0.25)
     g = torch.Generator().manual_seed(0)
     n = 4000
     k = torch.rand(n, generator=g) < 0.5
@@ -105,7 +106,7 @@ def test_diffusion_prior_learns_a_two_dimensional_mixture():
     z = torch.where(k[:, None], a, b)
     prior = DiffusionPrior([2], hidden=64, blocks=2, train_steps=1000, batch_size=256, lr=2e-3, ema=0.99)
     prior.fit(Latents(z, torch.zeros_like(z)))
-    s = prior.sample(10000, torch.Generator().manual_seed(1), steps=50)
+    s = prior.sample(10000, torch.Generator().manual_seed(1), steps=50, eta=1.0)  # ancestral DDPM sampling
     assert float((s[:, 0] < 0).float().mean()) == pytest.approx(float(k.float().mean()), abs=0.03)
     for side, truth in ((s[:, 0] < 0, z[k]), (s[:, 0] >= 0, z[~k])):
         assert (s[side].mean(0) - truth.mean(0)).abs().max() < 0.1
