@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pyro_vae demo --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

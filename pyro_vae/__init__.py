@@ -5,6 +5,7 @@ The Python API in one import::
     import pyro_vae
     config = pyro_vae.TrainConfig(model="mypkg.vae:VAE", guide="mypkg.vae:VAE", epochs=10)
     pyro_vae.train(config, "runs/mine")                      # a run directory
+    pyro_vae.train(config, "runs/logged", callbacks=[MyLogger()])  # a pyro_vae.Callback subclass
     config, model, guide = pyro_vae.load_run("runs/mine", trust_code=True)  # it names mypkg's code
     pyro_vae.evaluate(model, guide, x, k=1000)["test_log_likelihood"]
     objective = pyro_vae.Objective(model, guide, pyro_vae.make_estimator("iwae:K=5"))
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 _API = {
     "train": "pyro_vae.training",
+    "Callback": "pyro_vae.callbacks",
+    "TrainingState": "pyro_vae.callbacks",
     "TrainConfig": "pyro_vae.config",
     "load_run": "pyro_vae.run",
     "evaluate": "pyro_vae.evaluation",

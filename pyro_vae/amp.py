@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyro_vae.errors import ConfigError
+
 AMP_DTYPES = {"bf16": torch.bfloat16}
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 
@@ -24,7 +26,7 @@ def amp_dtype(name: str | None) -> torch.dtype | None:
     try:
         return AMP_DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown --amp {name!r}; choose {', '.join(AMP_DTYPES)} (or leave --amp out for float32)") from None
+        raise ConfigError(f"unknown --amp {name!r}; choose {', '.join(AMP_DTYPES)} (or leave --amp out for float32)") from None
 
 
 def autocast_layers(module: nn.Module, device_type: str, dtype: torch.dtype) -> list:

@@ -21,7 +21,6 @@ site ``z`` is the guide's first site, the one ``decode`` takes (``z1`` of ``hvae
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyro_vae.errors import ConfigError, DataError, ProgramError
 from pyro_vae.evaluation import evaluate, posterior_means
+from pyro_vae.files import save_npy, save_npz, write_json
 from pyro_vae.programs import context_keys
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def observed_site(trace, x: torch.Tensor, exclude=()) -> dict:
         sites = [s for s in sites if s["value"].numel() == x.numel()]
     if len(sites) != 1:
         found = [s["name"] for s in _sample_sites(trace) if s["is_observed"] and s["name"] not in exclude]
-        raise ValueError(f"the model needs one observed sample site for x (pyro.sample(name, d, obs=x)); "
+        raise ProgramError(f"the model needs one observed sample site for x (pyro.sample(name, d, obs=x)); "
                          f"it has {found or 'none'}")
     return sites[0]
 
@@ -82,7 +83,7 @@ def row_log_prob(site: dict, n: int) -> torch.Tensor:
     lp = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
     frames = [f for f in site["cond_indep_stack"] if f.size == n and f.dim is not None and lp.dim() >= -f.dim]
     if not torch.is_tensor(lp) or not frames:
-        raise ValueError(f"site {site['name']!r} has no value per data row (no plate of size {n} over it): "
+        raise ProgramError(f"site {site['name']!r} has no value per data row (no plate of size {n} over it): "
                          f"put every latent and observed site inside the data plate")
     lp = lp.movedim(min(f.dim for f in frames), 0)
     return lp.reshape(n, -1).sum(-1)
@@ -138,7 +139,7 @@ class Codes:
         """All sites' values side by side, (rows, dims): the code a path or traversal moves
         (``what`` names the task, which refuses discrete sites)."""
         if what and self.discrete:
-            raise ValueError(f"{what} moves a continuous code, and latent site {self.discrete[0]!r} is "
+            raise ProgramError(f"{what} moves a continuous code, and latent site {self.discrete[0]!r} is "
                              f"discrete (a class has no values in between): pass it as context (labels y) or use continuous latents")
         return torch.cat([v.reshape(len(v), -1).float() for v in self.values.values()], -1)
 
@@ -177,7 +178,7 @@ def latent_codes(model, guide, x: torch.Tensor, num_samples: int = 64, seed: int
     values = {s["name"]: s["value"] for s in latent_sites(trace)}
     for name, v in values.items():
         if v.dim() == 0 or len(v) != len(x):
-            raise ValueError(f"guide site {name!r} has shape {tuple(v.shape)}, not one value per row of x "
+            raise ProgramError(f"guide site {name!r} has shape {tuple(v.shape)}, not one value per row of x "
                              f"({len(x)}): codes need per-row latents, inside the data plate")
     return Codes(values, tuple(codes.discrete))
 
@@ -260,9 +261,9 @@ def interpolate(model, guide, x_a: torch.Tensor, x_b: torch.Tensor, steps: int =
     ``slerp`` (spherical, the default) or ``linear``. ``context`` goes with x_a (and decodes the
     path), ``context_b`` (default: the same) with x_b."""
     if steps < 2:
-        raise ValueError(f"--steps must be at least 2 (the two end points), got {steps}")
+        raise ConfigError(f"--steps must be at least 2 (the two end points), got {steps}")
     if method not in ("slerp", "linear"):
-        raise ValueError(f"unknown interpolation method {method!r}; choose slerp or linear")
+        raise ConfigError(f"unknown interpolation method {method!r}; choose slerp or linear")
     codes = latent_codes(model, guide, x_a, **context)
     z_a = codes.flat("interpolation")
     z_b = latent_codes(model, guide, x_b, **(context if context_b is None else context_b)).flat("interpolation")
@@ -292,7 +293,8 @@ def traverse(model, guide, x: torch.Tensor, dims, span: float = 3.0, steps: int 
     z = codes.flat("a latent traversal")
     bad = [d for d in dims if not 0 <= d < z.shape[-1]]
     if bad:
-        raise ValueError(f"latent dimensions {bad} do not exist: this model has {z.shape[-1]} (0..{z.shape[-1] - 1})")
+        raise ConfigError(f"--dims {' '.join(map(str, bad))}: no such latent dimension; this model has {z.shape[-1]} "
+                          f"(0..{z.shape[-1] - 1})")
     values = torch.linspace(-span, span, steps, device=z.device)
     grid = z[:, None, None, :].repeat(1, len(dims), steps, 1)
     for i, d in enumerate(dims):
@@ -316,7 +318,7 @@ def auroc(normal_scores, anomalous_scores) -> float:
     divided by n m)."""
     normal, anomalous = np.asarray(normal_scores, float).ravel(), np.asarray(anomalous_scores, float).ravel()
     if not len(normal) or not len(anomalous):
-        raise ValueError("AUROC needs at least one normal and one anomalous score")
+        raise DataError("AUROC needs at least one normal and one anomalous score")
     scores = np.concatenate([normal, anomalous])
     _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts + 1  # 1-based rank of each distinct value's first copy
@@ -335,7 +337,7 @@ def per_feature(fn, what: str):
     while isinstance(fn, dist.Independent):
         fn = fn.base_dist
     if fn.event_shape != ():
-        raise ValueError(f"{what} needs an observation that factorizes over features (Independent, or "
+        raise ProgramError(f"{what} needs an observation that factorizes over features (Independent, or "
                          f"a feature plate); the model's is {type(fn).__name__} with event shape "
                          f"{tuple(fn.event_shape)}")
     return fn
@@ -382,7 +384,7 @@ class _TraceChain:
         trace = trace_program(self.model, x, z, **self.context)
         extra = [s["name"] for s in latent_sites(trace)]
         if extra:
-            raise ValueError(f"imputation needs log p(z) of the guide's codes alone, and the model also samples "
+            raise ProgramError(f"imputation needs log p(z) of the guide's codes alone, and the model also samples "
                              f"{extra} (sites the guide does not): marginalize them in the model, or sample them in the guide")
         obs = observed_site(trace, x, exclude=z)
         return (sum(row_log_prob(trace.nodes[name], self.n) for name in z),
@@ -422,9 +424,9 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
     """
     observed = observed.to(device=x.device, dtype=torch.bool).expand_as(x)
     if method not in ("mwg", "pseudo-gibbs"):
-        raise ValueError(f"unknown imputation method {method!r}; choose mwg or pseudo-gibbs")
+        raise ConfigError(f"unknown imputation method {method!r}; choose mwg or pseudo-gibbs")
     if not 0 <= burn_in < num_steps:
-        raise ValueError(f"burn_in ({burn_in}) must be at least 0 and below num_steps ({num_steps})")
+        raise ConfigError(f"burn_in ({burn_in}) must be at least 0 and below num_steps ({num_steps})")
     fast = (_has_fast_path(model, guide) and callable(getattr(model, "prior", None))
             and len(getattr(model, "latent_sites", ())) == 1)
     n = x.shape[0]
@@ -434,7 +436,7 @@ def impute(model, guide, x: torch.Tensor, observed: torch.Tensor, num_steps: int
         log_pz, px, value = chain.joint(z, xc)
         lp = px.log_prob(value).reshape(n, -1)
         if lp.shape != x.shape:
-            raise ValueError(f"the model's observation has {lp.shape[-1]} features per row and x {x.shape[-1]}: "
+            raise ProgramError(f"the model's observation has {lp.shape[-1]} features per row and x {x.shape[-1]}: "
                              f"impute needs one observed number per feature of x")
         return torch.where(observed, lp, torch.zeros_like(lp)).sum(-1) + log_pz, px
 
@@ -469,13 +471,13 @@ def missing_mask(n: int, x_dim: int, image_shape, pattern: str = "bottom-half", 
     missing with probability ``fraction``, independently (missing completely at random)."""
     if pattern == "random":
         if not 0 < fraction < 1:
-            raise ValueError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
+            raise ConfigError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
         g = torch.Generator().manual_seed(seed)
         return torch.rand(n, x_dim, generator=g) < fraction
     if pattern not in ("bottom-half", "right-half"):
-        raise ValueError(f"unknown missing pattern {pattern!r}; choose bottom-half, right-half or random")
+        raise ConfigError(f"unknown missing pattern {pattern!r}; choose bottom-half, right-half or random")
     if image_shape is None or len(image_shape) != 3 or math.prod(image_shape) != x_dim:
-        raise ValueError(f"--missing {pattern} needs images, and this data is {x_dim} flat features; use --missing random")
+        raise ConfigError(f"--missing {pattern} needs images, and this data is {x_dim} flat features; use --missing random")
     c, h, w = image_shape
     mask = torch.zeros(c, h, w, dtype=torch.bool)
     if pattern == "bottom-half":
@@ -489,7 +491,7 @@ def imputation_error(truth: torch.Tensor, imputed: torch.Tensor, observed: torch
     """Root mean squared error over the missing features only."""
     missing = ~observed.to(device=truth.device, dtype=torch.bool).expand_as(truth)
     if not missing.any():
-        raise ValueError("no feature is missing: nothing to score")
+        raise ConfigError("no feature is missing: nothing to score")
     return math.sqrt(float(((truth - imputed)[missing] ** 2).mean()))
 
 
@@ -550,7 +552,7 @@ def run_context(model, guide, data, which: str = "test", rows=None) -> dict:
         return {}
     labels = getattr(data, f"{which}_labels")
     if labels is None or set(keys) != {"y"}:
-        raise ValueError(f"the model takes context {list(keys)} and this run's data has no labels to give it")
+        raise DataError(f"the model takes context {list(keys)} and this run's data has no labels to give it")
     return {"y": labels if rows is None else labels[rows]}
 
 
@@ -569,14 +571,15 @@ def data_units(data, array):
 def save_arrays(path: Path, array) -> Path:
     """One array as ``.npy`` (float32 numbers, rows first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, torch.as_tensor(array).detach().float().cpu().numpy())
+    save_npy(path, torch.as_tensor(array).detach().float().cpu().numpy())
     return path
 
 
-def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: int = 100, steps: int = 500,
+def impute_run(run_dir, missing: str | None = None, fraction: float = 0.5, n: int = 100, steps: int = 500,
                burn_in: int = 100, method: str = "mwg", seed: int = 0, device: str = "auto", figure=None,
                best: bool = False, trust_code: bool = False) -> dict:
-    """``impute`` on the first n test points of a run with ``missing`` features removed; writes
+    """``impute`` on the first n test points of a run with ``missing`` features removed (default:
+    the bottom half of images, a random half of other features); writes
     ``RUN/impute.json`` (RMSE beside the training-mean baseline, acceptance) and a figure
     (default ``RUN/figures/imputations.png``: for images input, truth, E[x_m | x_o] and one draw;
     for other features a scatter of pairs of features, and ``RUN/imputations.npy``)."""
@@ -587,6 +590,9 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
     config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     data = load_run_data(config, device, test_size=n, train_size=None, run_dir=run_dir)
     x = data.test
+    missing = missing or ("bottom-half" if config.image_shape else "random")
+    if not 0 <= burn_in < steps:
+        raise ConfigError(f"--burn-in {burn_in} must lie below --steps {steps}: the draws after it give E[x_m | x_o]")
     observed = ~missing_mask(len(x), x.shape[-1], config.image_shape, missing, fraction, seed).to(x.device)
     r = impute(model, guide, x, observed, steps, burn_in, seed, method, **run_context(model, guide, data))
     baseline = torch.where(observed, x, data.train.mean(0))
@@ -606,7 +612,7 @@ def impute_run(run_dir, missing: str = "bottom-half", fraction: float = 0.5, n: 
               "points": len(x), "steps": steps, "burn_in": burn_in, "acceptance": r["acceptance"],
               "rmse_imputed_mean": imputation_error(x, r["mean"], observed),
               "rmse_training_mean": imputation_error(x, baseline, observed), "figure": str(figure)}
-    (run_dir / "impute.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "impute.json", result)
     return result
 
 
@@ -629,7 +635,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     points = None
     if data is not None:  # checked before the long scoring, so a wrong file fails at once
         if context:
-            raise ValueError(f"--data has no labels, and this run's model takes {list(context)}: score its test set only")
+            raise DataError(f"--data has no labels, and this run's model takes {list(context)}: score its test set only")
         points = load_points(data, x.shape[-1], model=model, standardization=test.standardization).to(x.device)
     shift = test.standardization.log_jacobian if test.standardization is not None else 0.0
     scores = anomaly_scores(model, guide, x, k, seed, **context) - shift  # -log p(x) in the data's units
@@ -639,7 +645,7 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
     if config.classes is not None:
         normal = torch.isin(test.test_labels, torch.as_tensor(config.classes, device=x.device)).cpu().numpy()
         if normal.all():
-            raise ValueError("the run was trained on every class in the test set: no class is left to detect")
+            raise DataError("the run was trained on every class in the test set: no class is left to detect")
         result.update(trained_classes=config.classes, normal_points=int(normal.sum()),
                       anomalous_points=int((~normal).sum()), auroc_other_classes=auroc(scores[normal], scores[~normal]))
         arrays["test_is_anomalous"] = ~normal
@@ -658,8 +664,8 @@ def anomaly_run(run_dir, k: int = 100, data=None, test_size: int | None = None, 
             layers["--data"] = points
         save_pairs(figure, x, layers, title=title + ", test points in grey")
     result["figure"] = str(figure)
-    np.savez(run_dir / "anomaly_scores.npz", **arrays)
-    (run_dir / "anomaly.json").write_text(json.dumps(result, indent=2))
+    save_npz(run_dir / "anomaly_scores.npz", **arrays)
+    write_json(run_dir / "anomaly.json", result)
     return result
 
 
@@ -675,9 +681,9 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     config, model, guide, device = open_run(run_dir, device, seed, best, trust_code)
     data = load_run_data(config, device, train_size=config.train_size)
     if data.train_labels is None or data.test_labels is None:
-        raise ValueError(f"a linear probe needs labels, and {config.dataset!r} has none")
+        raise DataError(f"a linear probe needs labels, and {config.dataset!r} has none")
     if run_context(model, guide, data):
-        raise ValueError("a linear probe reads codes of unlabelled points, and this run's model takes the label "
+        raise ProgramError("a linear probe reads codes of unlabelled points, and this run's model takes the label "
                          "as context: probe an unconditional run")
     codes_test = latent_codes(model, guide, data.test).flat()
     rows = []
@@ -691,5 +697,5 @@ def represent_run(run_dir, labels=(100, 1000, 10000), seed: int = 0, device: str
     result = {"latent_dims": codes_test.shape[1], "raw_dims": data.train.shape[1], "test_points": len(data.test),
               "probe": "multinomial logistic regression, standardized features, L-BFGS, weight decay 1e-3",
               "rows": rows}
-    (run_dir / "represent.json").write_text(json.dumps(result, indent=2))
+    write_json(run_dir / "represent.json", result)
     return result

@@ -6,9 +6,7 @@ import math
 
 import torch
 
-
-class DataError(ValueError):
-    """Data that a model cannot be trained or evaluated on, with the fix in the message."""
+from pyro_vae.errors import DataError
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
@@ -110,7 +108,7 @@ def describe_support(support) -> str:
     lo, hi = (_g(getattr(support, k, None)) for k in ("lower_bound", "upper_bound"))
     if isinstance(support, constraints.integer_interval):
         return f"the integers {lo}..{hi}"
-    if isinstance(support, constraints.integer_greater_than):
+    if isinstance(support, type(constraints.nonnegative_integer)):  # integers >= a bound
         return f"the integers >= {lo}"
     if isinstance(support, constraints.interval):
         return f"[{lo}, {hi}]"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pyro_vae.data import Dataset
+from pyro_vae.errors import DataError
 from pyro_vae.nets import encoder_net
 from pyro_vae.schedules import KLSchedule
 
@@ -50,7 +51,7 @@ def train_classifier(data: Dataset, epochs: int = 2, batch_size: int = 128, lr: 
     from pyro_vae.training import train_epoch
 
     if data.train_labels is None or not data.num_classes:
-        raise ValueError(f"a classifier needs labelled data; {data.name!r} has no labels")
+        raise DataError(f"a classifier needs labelled data; {data.name!r} has no labels")
     torch.manual_seed(seed)
     clf = Classifier(data.x_dim, data.num_classes, hidden, net=net, image_shape=data.image_shape)
     clf.to(data.train.device)

@@ -5,66 +5,21 @@ compare, demo."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-TRAIN_FLAGS = {
-    # name: (type, help)  -- every TrainConfig field, one flag each
-    "dataset": (str, "mnist, binarized-mnist, or a .npy/.pt file or image folder"),
-    "data_dir": (str, "MNIST cache folder (default $PYRO_VAE_DATA or ~/.cache/pyro-vae)"),
-    "validation": (int, "hold out the last N training points for validation"),
-    "train_size": (int, "use only the first N training points"),
-    "test_size": (int, "use only the first N test points"),
-    "image_size": (int, "resize image-folder images to N x N"),
-    "labels": (int, "semi-supervised: keep N training labels (balanced over classes), hide the rest"),
-    "classes": (int, "train and test on the rows of these labels only, e.g. --classes 0 1 2 3 4 5 6 7 8 "
-                     "(`pyro-vae anomaly RUN` then scores the other classes as anomalies)"),
-    "image_shape": (int, "show and model flat rows as C H W images, e.g. --image-shape 1 28 28 for 784 "
-                         "features (default: the data's, for images; none for points)"),
-    "standardize": (bool, "continuous data: standardize each feature by the training rows' mean and sd "
-                          "(stored in config.json); log p(x) is still reported in the data's own units"),
-    "labelled_every": (int, "with --labels: a labelled batch after every N unlabelled ones, cycling the labelled rows (0: each labelled row once per epoch)"),
-    "preset": (str, "architecture preset: seed (784-400-20, ReLU), iwae1 (784-200-200-50, tanh) or iwae2 (two stochastic layers)"),
-    "model": (str, "model name (vae, linear, hvae2, cvae, ...; see the README) or package.module:Class"),
-    "guide": (str, "guide name (gaussian, hvae2, conditional, ...; see the README) or package.module:Class"),
-    "z_dim": (int, "latent dimensions"),
-    "hidden": (int, "hidden layer sizes, e.g. --hidden 200 200"),
-    "activation": (str, "relu, tanh, softplus, elu, gelu, silu, leaky_relu"),
-    "likelihood": (str, "bernoulli, continuous-bernoulli, gaussian, laplace, discretized-logistic (8-bit); "
-                        "default: the model's own (gaussian for linear)"),
-    "net": (str, "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)"),
-    "init_output_bias": (bool, "initialise the decoder output bias from the training mean"),
-    "estimator": (str, "elbo, meanfield, iwae, stl, dreg, miwae, ciwae, piwae, renyi, enum; options as in iwae:K=50"),
-    "particles": (int, "particles K per data point (vectorized)"),
-    "beta": (float, "KL weight (beta-VAE); the target of a warm-up"),
-    "warmup_epochs": (int, "raise beta linearly from 0 over N epochs"),
-    "cycle_epochs": (float, "cyclical annealing (Fu et al. 2019): restart the beta ramp every N epochs"),
-    "cycle_ratio": (float, "fraction of each cycle over which beta rises from 0"),
-    "capacity": (float, "capacity annealing (Burgess et al. 2018): target KL C in nats; loss gamma*|KL - C|"),
-    "capacity_epochs": (float, "raise the capacity C linearly from 0 over N epochs"),
-    "gamma": (float, "weight gamma of the capacity penalty gamma*|KL - C|"),
-    "free_bits": (float, "free bits (Kingma et al. 2016): KL floor lambda in nats per latent dimension"),
-    "epochs": (int, "number of epochs"),
-    "early_stopping": (int, "with --validation: stop after N epochs without a better validation loss (or, for "
-                            "ssvae, accuracy); the best epoch's weights are kept in RUN/best.pt either way"),
-    "batch_size": (int, "data points per step"),
-    "lr": (float, "Adam learning rate"),
-    "lr_decay": (float, "multiply the learning rate by this factor after every epoch (exponential decay; 1: constant)"),
-    "weight_decay": (float, "Adam weight decay"),
-    "clip_grad": (float, "clip the gradient norm to this value"),
-    "seed": (int, "random seed (identical runs on CPU)"),
-    "jit": (bool, "trace the objective once and replay it (faster steps; same values)"),
-    "amp": (str, "bf16: the networks' matrix products in bfloat16, log-densities and loss in float32"),
-    "device": (str, "auto, cpu, cuda or cuda:N"),
-    "tensorboard": (bool, "also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)"),
-}
+from pyro_vae.errors import ConfigError
+from pyro_vae.settings import Setting
 
 
-# settings a --resume may change; every other setting defines the run's model or data
-RESUMABLE = ("epochs", "lr", "lr_decay", "clip_grad", "early_stopping", "device", "jit", "amp", "tensorboard",
-             "data_dir")
+def checked(kind: type, **bounds):
+    """An argparse type: text to a ``kind`` within ``bounds`` (see ``settings.Setting``)."""
+    return Setting("", kind=kind, **bounds).parse()
 
+
+POSITIVE, COUNT = checked(int, at_least=1), checked(int, at_least=0)
 
 TRUST_HELP = ("import the model and guide that RUN/config.json names by import path (package.module:Class), "
               "from installed packages and PYTHONPATH only; without it such a run is refused, since "
@@ -72,67 +27,64 @@ TRUST_HELP = ("import the model and guide that RUN/config.json names by import p
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every TrainConfig setting (generated from its declaration), and
+    --model-option/--guide-option."""
     from pyro_vae.config import TrainConfig
+    from pyro_vae.settings import add_flags
 
-    defaults = TrainConfig()
-    for name, (typ, help_) in TRAIN_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        text = f"{help_} (default: {default})"
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif name in ("hidden", "classes", "image_shape"):
-            p.add_argument(flag, type=int, nargs="+", default=None, help=text)
-        else:
-            p.add_argument(flag, type=typ, default=None, help=text)
+    p.set_defaults(train_flags=add_flags(p, TrainConfig))
     for kind in ("model", "guide"):
         p.add_argument(f"--{kind}-option", dest=f"{kind}_option", metavar="KEY=VALUE", action="append",
                        default=None, help=f"an argument of the {kind}'s constructor, e.g. --{kind}-option "
                                           f"hidden_dim=400 (repeatable; joins the config's {kind}_options)")
 
 
+def _given_settings(args) -> dict:
+    """The settings of --config FILE (if given) with the flags given on the command line winning."""
+    import tomllib
+
+    given = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                given = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        except OSError as e:
+            raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {args.config} is not valid TOML: {e}") from None
+    given.update({k: getattr(args, k) for k in args.train_flags if getattr(args, k) is not None})
+    for kind in ("model", "guide"):
+        options = _key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option")
+        if options:
+            given[f"{kind}_options"] = {**given.get(f"{kind}_options", {}), **options}
+    return given
+
+
 def _train_config(args):
     from pyro_vae.config import TrainConfig
 
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    config = TrainConfig.from_toml(args.config, **given) if args.config else TrainConfig.from_dict(given)
-    for kind in ("model", "guide"):
-        options = getattr(config, f"{kind}_options")
-        options.update(_key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option"))
-    return config
+    try:
+        return TrainConfig.from_dict(_given_settings(args))
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
 
 
 def _resume_config(args):
-    """The run's config with the flags (and --config keys) a resume may change; a flag that would
-    change the run's model or data is refused by name."""
-    import tomllib
-
+    """The run's config with the given settings on top; ``train`` refuses those that a resume
+    may not change (they define the run's model or data), by name."""
     from pyro_vae.config import TrainConfig
     from pyro_vae.run import load_config
 
     run = args.resume
     if args.out and Path(args.out).resolve() != Path(run).resolve():
-        raise ValueError(f"--resume {run} continues that run in place: leave out --out {args.out} "
-                         f"(or start a new run with --out alone)")
-    config = load_config(run)
-    given = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            given.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
-    given.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    changed = {k: v for k, v in given.items() if k not in TRAIN_FLAGS or getattr(config, k) != v}
+        raise ConfigError(f"--resume {run} continues that run in place: leave out --out {args.out} "
+                          f"(or start a new run with --out alone)")
+    saved = load_config(run).to_dict()
+    given = _given_settings(args)
     for kind in ("model", "guide"):
-        options = _key_values(getattr(args, f"{kind}_option", None) or [], f"--{kind}-option")
-        if any(getattr(config, f"{kind}_options").get(k) != v for k, v in options.items()):
-            raise ValueError(f"--{kind}-option cannot change on --resume: it defines the run's {kind}; "
-                             f"start a new run with --out")
-    for key, value in changed.items():
-        if key not in RESUMABLE:
-            flag = "--" + key.replace("_", "-")
-            was = getattr(config, key, None)
-            raise ValueError(f"{flag} cannot change on --resume: it defines the run's model or data ({run} has "
-                             f"{key} = {was!r}, given {value!r}); start a new run with --out, or leave out {flag}")
-    return TrainConfig.from_dict({**config.to_dict(), **changed})  # checked as a new config is
+        if f"{kind}_options" in given:
+            given[f"{kind}_options"] = {**saved[f"{kind}_options"], **given[f"{kind}_options"]}
+    return TrainConfig.from_dict({**saved, **given})
 
 
 def _key_values(items, flag: str) -> dict:
@@ -143,27 +95,80 @@ def _key_values(items, flag: str) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} hidden_dim=400")
+            raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} hidden_dim=400")
         key, value = (part.strip() for part in item.split("=", 1))
         lowered = value.lower()
         out[key] = {"true": True, "false": False}.get(lowered, parse_spec(f"_:{key}={value}")[1][key])
     return out
 
 
+ELASTIC_OUT = "PYRO_VAE_ELASTIC_OUT"  # set by the launcher: the run directory this launch may write
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without ``flag VALUE`` or ``flag=VALUE``."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == flag:
+            skip = True
+        elif not item.startswith(flag + "="):
+            out.append(item)
+    return out
+
+
 def _launch_torchrun(args) -> int:
-    """`pyro-vae train --nproc N ...`: start N processes of the same command through torchrun."""
+    """`pyro-vae train --nproc N [--max-restarts R] ...`: start N processes of the same command
+    through torchrun. The run directory is checked here, once, before any process starts; when
+    torchrun restarts the group after a worker died, the workers resume from the run's last
+    checkpoint (or start afresh where none was saved)."""
     import os
     import subprocess
 
-    argv = list(args.argv)
-    i = argv.index("--nproc")
-    del argv[i : i + 2]
+    from pyro_vae.run import claim_run_dir
+
+    argv = _without_flag(_without_flag(args.argv, "--nproc"), "--max-restarts")
+    out = args.resume or args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-ddp{args.nproc}"
     if not args.resume and not args.out:  # every rank must agree on the run directory
-        argv += ["--out", f"runs/{time.strftime('%Y%m%d-%H%M%S')}-ddp{args.nproc}"]
+        argv += ["--out", out]
+    claim_run_dir(out, args.overwrite, bool(args.resume))  # refuses now rather than in every restart
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           "-m", "pyro_vae", *argv]
+           "--max-restarts", str(args.max_restarts), "-m", "pyro_vae", *argv]
     print("launching:", " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           ELASTIC_OUT: str(Path(out).resolve())}
+    return subprocess.call(cmd, env=env)
+
+
+def _elastic_restart(args) -> None:
+    """In a group that torchrun restarted after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0)
+    of a launch by ``--nproc``: resume the run from its last checkpoint, or start it afresh
+    where no epoch was saved. A restart never touches another folder."""
+    import os
+
+    from pyro_vae.run import CHECKPOINT
+
+    out = args.resume or args.out
+    if (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not out
+            or os.environ.get(ELASTIC_OUT) != str(Path(out).resolve())):
+        return
+    if (Path(out) / CHECKPOINT).exists():
+        # the code the run names is what this same command named: trusted as it was at the start
+        args.resume, args.out, args.overwrite, args.trust_code = out, None, False, True
+    elif not args.resume:
+        args.overwrite = True  # the failed attempt saved no epoch: its leftovers go
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective of a distributed run failed because another process is gone."""
+    import torch.distributed
+
+    return torch.distributed.is_initialized() and any(m in str(e) for m in PEER_LOST)
 
 
 def cmd_train(args) -> int:
@@ -174,6 +179,11 @@ def cmd_train(args) -> int:
 
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--overwrite replaces a run and --resume continues it: give one of them")
+    if args.max_restarts and not args.nproc:
+        raise ConfigError("--max-restarts restarts the processes that --nproc N starts: add --nproc N (N >= 2)")
+    _elastic_restart(args)
 
     if args.resume:
         config = _resume_config(args)
@@ -192,6 +202,16 @@ def cmd_train(args) -> int:
             said = str(e) if isinstance(e, TrainingInterrupted) else "interrupted: nothing was written"
             print(f"\n{said}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's source path
+        print(f"pyro-vae train (process {rank}): another process of this run stopped or was killed "
+              f"({detail}); the run's last checkpoint is intact: continue with "
+              f"`pyro-vae train --resume {run_dir} --nproc N` (or --max-restarts R restarts by itself)",
+              file=sys.stderr)
+        return 1
     finally:
         import torch.distributed
 
@@ -267,9 +287,9 @@ def cmd_sample(args) -> int:
 
     conditional = "y" in context_keys(model, guide)
     if args.label is not None and not conditional:
-        raise ValueError(f"--label needs a class-conditional model (cvae, ssvae); this run's model is {config.model!r}")
+        raise ConfigError(f"--label needs a class-conditional model (cvae, ssvae); this run's model is {config.model!r}")
     if conditional and args.label is not None and not 0 <= args.label < (config.num_classes or 0):
-        raise ValueError(f"--label {args.label} is not a class of this run: choose 0..{(config.num_classes or 1) - 1}")
+        raise ConfigError(f"--label {args.label} is not a class of this run: choose 0..{(config.num_classes or 1) - 1}")
     data = _test_data(config, device, 1)
     run_context(model, guide, data)  # a context other than labels is refused here, by name
     context = {}
@@ -324,7 +344,7 @@ def cmd_interpolate(args) -> int:
     data = _test_data(config, device, 2 * args.pairs)
     x = data.test[: 2 * args.pairs]
     if len(x) < 2:
-        raise ValueError("interpolation needs at least two test points")
+        raise ConfigError("interpolation needs at least two test points")
     half = len(x) // 2
     a, b = torch.arange(0, 2 * half, 2, device=x.device), torch.arange(1, 2 * half, 2, device=x.device)
     path = interpolate(model, guide, x[a], x[b], args.steps, args.method,
@@ -359,7 +379,7 @@ def cmd_traverse(args) -> int:
     data = _test_data(config, device, max(1000, args.index + 1))
     x = data.test
     if not 0 <= args.index < len(x):
-        raise ValueError(f"--index {args.index} is not a test point: the test set has {len(x)}")
+        raise ConfigError(f"--index {args.index} is not a test point: the test set has {len(x)}")
     first = slice(0, 1000)
     dims = args.dims if args.dims else most_active_dims(model, guide, x[first], args.num_dims,
                                                         **run_context(model, guide, data, rows=first))
@@ -475,8 +495,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where the flags are listed (not the
+    whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+
+    from pyro_vae import __version__
+    from pyro_vae.config import resumable_flags
+
+    p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    p.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI",
@@ -485,21 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a TOML file of the same keys as the flags (flags win)")
     t.add_argument("--out", help="run directory (default runs/MODEL-ESTIMATOR-TIME)")
     t.add_argument("--resume", metavar="RUN", help="continue the run in RUN; of the settings, only "
-                   + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE) + " may change (e.g. --epochs "
+                   + ", ".join(resumable_flags()) + " may change (e.g. --epochs "
                    "extends it, a lower --lr after a divergence); the others define the run and are refused")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its files are removed once the new run has started)")
     t.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    t.add_argument("--nproc", type=int, help="train with N processes (DistributedDataParallel through "
+    t.add_argument("--nproc", type=POSITIVE, help="train with N processes (DistributedDataParallel through "
                    "torchrun; gloo on CPU, nccl on CUDA). Multi-node: run torchrun yourself")
+    t.add_argument("--max-restarts", type=COUNT, default=0,
+                   help="with --nproc: when a process dies, restart the group up to R times; the restarted "
+                        "processes resume from the run's last checkpoint (torchrun's elastic restarts)")
     t.set_defaults(func=cmd_train)
 
     def run_parser(name, help_, func):
         s = sub.add_parser(name, help=help_, description=help_)
         s.add_argument("run", help="run directory written by `pyro-vae train`")
         s.add_argument("--device", default="auto")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=COUNT, default=0)
         s.add_argument("--best", action="store_true",
                        help="use the best validation epoch's weights (RUN/best.pt) instead of the last epoch's")
         s.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
@@ -507,64 +543,65 @@ def build_parser() -> argparse.ArgumentParser:
         return s
 
     e = run_parser("eval", "test ELBO and importance-sampled test log-likelihood; writes RUN/eval.json", cmd_eval)
-    e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
-    e.add_argument("--test-size", type=int, help="evaluate on the first N test points only")
-    e.add_argument("--max-batch-particles", type=int, default=100_000,
+    e.add_argument("--k", type=POSITIVE, default=1000, help="importance samples per test point")
+    e.add_argument("--test-size", type=POSITIVE, help="evaluate on the first N test points only")
+    e.add_argument("--max-batch-particles", type=POSITIVE, default=100_000,
                    help="data points x particles in flight at once (bounds memory)")
     e.add_argument("--max-memory", default=None,
                    help="bound on the evaluation's working memory, e.g. 1GB or 512MB; chunk sizes "
                         "follow from a measured probe (overrides --max-batch-particles)")
-    e.add_argument("--export-points", type=int, nargs="*", default=[0, 1, 2, 3],
+    e.add_argument("--export-points", type=COUNT, nargs="*", default=[0, 1, 2, 3],
                    help="test points whose draws z and log weights go to RUN/posterior.nc (ArviZ)")
     e.add_argument("--quiet", action="store_true")
     s = run_parser("sample", "samples drawn from the prior: a grid PNG for images; RUN/samples.npy and a scatter "
                    "plot of pairs of features otherwise", cmd_sample)
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--label", type=int, help="the class to draw, for class-conditional models (cvae, ssvae)")
+    s.add_argument("--n", type=POSITIVE, default=64)
+    s.add_argument("--label", type=COUNT, help="the class to draw, for class-conditional models (cvae, ssvae)")
     s.add_argument("--out", help="PNG path (default RUN/figures/samples.png)")
     from pyro_vae.cli_latents import add_latent_commands, add_sample_prior_flags
 
     add_sample_prior_flags(s)
     r = run_parser("reconstruct", "test points beside their reconstructions E[x | z = E_q[z|x]]: a PNG grid for "
                    "images; RUN/reconstructions.npy and a scatter plot otherwise", cmd_reconstruct)
-    r.add_argument("--n", type=int, default=32)
+    r.add_argument("--n", type=POSITIVE, default=32)
     r.add_argument("--out", help="PNG path (default RUN/figures/reconstructions.png)")
     i = run_parser("interpolate", "decoded paths between the codes of pairs of test points: a PNG (and "
                    "RUN/interpolations.npy where the features are not an image)", cmd_interpolate)
-    i.add_argument("--pairs", type=int, default=8)
-    i.add_argument("--steps", type=int, default=10, help="points on each path, its ends included")
+    i.add_argument("--pairs", type=POSITIVE, default=8)
+    i.add_argument("--steps", type=checked(int, at_least=2), default=10, help="points on each path, its ends included")
     i.add_argument("--method", choices=["slerp", "linear"], default="slerp",
                    help="spherical (White 2016; the default) or straight-line interpolation")
     i.add_argument("--out", help="PNG path (default RUN/figures/interpolations.png)")
     v = run_parser("traverse", "latent traversals: one test point's code, one dimension varied per row: a PNG "
                    "(and RUN/traversals.npy where the features are not an image)", cmd_traverse)
-    v.add_argument("--index", type=int, default=0, help="the test point")
-    v.add_argument("--dims", type=int, nargs="+", help="latent dimensions (default: the --num-dims most active)")
-    v.add_argument("--num-dims", type=int, default=8)
-    v.add_argument("--span", type=float, default=3.0, help="values from -span to span (prior standard deviations)")
-    v.add_argument("--steps", type=int, default=9)
+    v.add_argument("--index", type=COUNT, default=0, help="the test point")
+    v.add_argument("--dims", type=COUNT, nargs="+", help="latent dimensions (default: the --num-dims most active)")
+    v.add_argument("--num-dims", type=POSITIVE, default=8)
+    v.add_argument("--span", type=checked(float, above=0), default=3.0, help="values from -span to span (prior standard deviations)")
+    v.add_argument("--steps", type=checked(int, at_least=2), default=9)
     v.add_argument("--out", help="PNG path (default RUN/figures/traversals.png)")
     m = run_parser("impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
                    "writes RUN/impute.json", cmd_impute)
-    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default="bottom-half",
-                   help="which features are missing (the halves need images)")
-    m.add_argument("--fraction", type=float, default=0.5, help="share of missing features, with --missing random")
-    m.add_argument("--n", type=int, default=100, help="test points")
-    m.add_argument("--steps", type=int, default=500, help="sampler steps")
-    m.add_argument("--burn-in", type=int, default=100, help="first steps left out of E[x_m | x_o]")
+    m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default=None,
+                   help="which features are missing (the halves need images; default: bottom-half for images, "
+                        "random otherwise)")
+    m.add_argument("--fraction", type=checked(float, above=0, at_most=0.999999), default=0.5, help="share of missing features, with --missing random")
+    m.add_argument("--n", type=POSITIVE, default=100, help="test points")
+    m.add_argument("--steps", type=POSITIVE, default=500, help="sampler steps")
+    m.add_argument("--burn-in", type=COUNT, default=100, help="first steps left out of E[x_m | x_o]")
     m.add_argument("--method", choices=["mwg", "pseudo-gibbs"], default="mwg",
                    help="Metropolis-within-Gibbs (Mattei & Frellsen 2018; exact for any guide) or "
                         "pseudo-Gibbs (Rezende et al. 2014; exact only with the exact posterior)")
     m.add_argument("--out", help="PNG path (default RUN/figures/imputations.png)")
     e2 = run_parser("represent", "linear-probe accuracy of the codes E_q[z|x] against the raw features, with N "
                     "labelled training points; writes RUN/represent.json", cmd_represent)
-    e2.add_argument("--labels", type=int, nargs="+", default=[100, 1000, 10000],
+    e2.add_argument("--labels", type=POSITIVE, nargs="+", default=[100, 1000, 10000],
                     help="labelled training points for the probe, a multiple of the classes each")
     a = run_parser("anomaly", "anomaly scores -log p(x) of the test set (and --data); AUROC against held-out "
                    "classes of a --classes run; writes RUN/anomaly.json", cmd_anomaly)
-    a.add_argument("--k", type=int, default=100, help="importance samples per point")
+    a.add_argument("--k", type=POSITIVE, default=100, help="importance samples per point")
     a.add_argument("--data", help="a .npy or .pt file of points to score against the test set")
-    a.add_argument("--test-size", type=int, help="score the first N test points only")
+    a.add_argument("--test-size", type=POSITIVE, help="score the first N test points only")
     a.add_argument("--out", help="PNG path (default RUN/figures/anomalies.png)")
     add_latent_commands(sub, run_parser)  # encode, decode, prior
 
@@ -576,9 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(c)
     c.add_argument("--config", help="a TOML file of the same keys as the flags (flags win)")
     c.add_argument("--out", default="runs/compare", help="output folder")
-    c.add_argument("--k", type=int, default=1000, help="importance samples per test point for log p(x)")
-    c.add_argument("--snr-repeats", type=int, default=100, help="gradient draws per SNR estimate")
-    c.add_argument("--snr-k", type=int, nargs="+", default=[1, 5, 50], help="K values of the SNR figure")
+    c.add_argument("--k", type=POSITIVE, default=1000, help="importance samples per test point for log p(x)")
+    c.add_argument("--snr-repeats", type=checked(int, at_least=2), default=100, help="gradient draws per SNR estimate")
+    c.add_argument("--snr-k", type=POSITIVE, nargs="+", default=[1, 5, 50], help="K values of the SNR figure")
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in OUT/runs")
     c.set_defaults(func=cmd_compare)
@@ -586,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train, evaluate and draw the iwae1 VAE on binarized MNIST",
                        description=cmd_demo.__doc__)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=20)
-    d.add_argument("--k", type=int, default=1000)
+    d.add_argument("--epochs", type=POSITIVE, default=20)
+    d.add_argument("--k", type=POSITIVE, default=1000)
     d.add_argument("--device", default="auto")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--overwrite", action="store_true", help="replace the run already in --out (an earlier demo)")
@@ -595,17 +632,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# errors of the machine rather than of the input or the code: one line, naming the file
+ENVIRONMENT_ERRNOS = {"ENOSPC": "free some space, or write elsewhere", "EDQUOT": "free some space, or write elsewhere",
+                      "EROFS": "give a writable folder", "EACCES": "give a folder you may write (or fix its permissions)",
+                      "EPERM": "give a folder you may write (or fix its permissions)",
+                      "ENOENT": "check the path", "ENOTDIR": "check the path", "EISDIR": "give a file, not a folder"}
+
+
+def _environment_error(e: OSError) -> str | None:
+    """One line for an OSError of the machine (a full disk, a read-only folder, a missing
+    file), or None for any other."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0)
+    if name not in ENVIRONMENT_ERRNOS or not e.filename:
+        return None
+    return f"{e.strerror}: {e.filename} ({ENVIRONMENT_ERRNOS[name]})"
+
+
+def _report_bug(command: str) -> None:
+    """After a traceback: whose bug it is, and where to report it."""
+    import traceback
+
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    package = str(Path(__file__).parent)
+    user = [f for f in frames if not f.filename.startswith(package) and "site-packages" not in f.filename
+            and "<frozen" not in f.filename and not f.filename.startswith(sys.prefix)]
+    calls_user = frames and frames[-1].filename.endswith("programs.py") and frames[-1].name == "call"
+    if user:
+        print(f"pyro-vae {command}: the error above arose in your program ({user[-1].filename}, line "
+              f"{user[-1].lineno}).", file=sys.stderr)
+    elif calls_user:  # a user's program that is a built-in or C function: no frame of its own
+        print(f"pyro-vae {command}: the error above arose in your program (the model or guide function "
+              f"pyro-vae called).", file=sys.stderr)
+    else:
+        print(f"pyro-vae {command}: this is a bug in pyro-vae, not in your input: please report it with the "
+              f"command and the traceback above.", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    from pyro_vae.errors import USER_ERRORS
+    """Run one command. A user's error (``errors.UserError``) or the machine's (a full disk, a
+    read-only folder) prints one line and exits 2; Ctrl-C exits 130; anything else is a bug and
+    keeps its traceback, with a line saying whose."""
+    import traceback
+
+    from pyro_vae.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        line = _environment_error(e)
+        if line is None:
+            raise
+        print(f"pyro-vae {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        said = str(e) or ("interrupted" if args.command in ("compare", "demo") else
+                          "interrupted: nothing was written (each file is written whole, at the end)")
+        print(f"\n{said}", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        _report_bug(args.command)
+        return 1
 
 
 if __name__ == "__main__":

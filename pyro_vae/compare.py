@@ -20,6 +20,7 @@ import pyro
 import torch
 
 from pyro_vae.config import TrainConfig
+from pyro_vae.errors import ConfigError
 from pyro_vae.objectives import make_estimator
 from pyro_vae.objectives.base import site_log_prob, traces
 from pyro_vae.objectives.kl import site_kl, site_kls
@@ -133,7 +134,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
 
     base = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     if not estimators:
-        raise ValueError("compare needs at least one estimator, e.g. ['elbo', 'iwae:K=5']")
+        raise ConfigError("compare needs at least one estimator, e.g. ['elbo', 'iwae:K=5']")
     for spec in estimators:  # fail before any training on a bad name
         make_estimator(spec, base.particles)
     out = Path(out)

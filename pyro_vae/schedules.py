@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pyro_vae.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class KLSchedule:
@@ -38,18 +40,18 @@ class KLSchedule:
 
     def __post_init__(self):
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
         if self.warmup_epochs and self.cycle_epochs:
-            raise ValueError("choose one of warmup_epochs (linear warm-up) and cycle_epochs "
+            raise ConfigError("choose one of warmup_epochs (linear warm-up) and cycle_epochs "
                              "(cyclical annealing), not both")
         if not 0 < self.cycle_ratio <= 1:
-            raise ValueError(f"cycle_ratio must lie in (0, 1], got {self.cycle_ratio}")
+            raise ConfigError(f"cycle_ratio must lie in (0, 1], got {self.cycle_ratio}")
         if self.capacity is not None and (self.capacity < 0 or self.gamma <= 0):
-            raise ValueError(f"capacity needs capacity >= 0 and gamma > 0, got {self.capacity}, {self.gamma}")
+            raise ConfigError(f"capacity needs capacity >= 0 and gamma > 0, got {self.capacity}, {self.gamma}")
         if self.free_bits < 0:
-            raise ValueError(f"free_bits is a KL floor in nats per dimension, >= 0; got {self.free_bits}")
+            raise ConfigError(f"free_bits is a KL floor in nats per dimension, >= 0; got {self.free_bits}")
         if self.capacity is not None and self.free_bits:
-            raise ValueError("capacity annealing and free bits are two different KL penalties; choose one")
+            raise ConfigError("capacity annealing and free bits are two different KL penalties; choose one")
 
     @classmethod
     def from_config(cls, config) -> KLSchedule:

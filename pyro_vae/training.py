@@ -3,9 +3,13 @@
 Per step: a batch from a random permutation (binarized afresh where the dataset asks),
 loss = objective(x, **schedule.weights(t)) (the estimator's loss per data point, with the
 KL weight beta, or the capacity C, that the schedule gives at progress t), backward,
-optional gradient clipping, optimizer step. Per epoch: the test loss, one metrics line, and
-an atomic checkpoint. Losses are read back to the host once per epoch (and every
+optional gradient clipping, optimizer step. Per epoch: the test loss and one metrics line,
+handed to the callbacks (``callbacks.py``: the checkpoint, early stopping, TensorBoard, the
+printed line, and the user's own). Losses are read back to the host once per epoch (and every
 ``log_every`` steps while a progress bar shows), never inside the step.
+
+Read ``train`` -> ``_setup`` (build and check everything, then claim the run directory) ->
+``_loop`` (the epochs) -> ``train_epoch`` (the steps).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -21,36 +27,36 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pyro_vae.amp import amp_dtype, autocast_layers
+from pyro_vae.callbacks import (
+    Callback,
+    EarlyStopping,
+    PrintEpochs,
+    SaveCheckpoint,
+    TensorBoard,
+    TrainingState,
+)
 from pyro_vae.checks import DataError, check_data_scale, check_data_support
-from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.config import TrainConfig, build_model_and_guide, check_resume
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.distributed import SINGLE, World
+from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys
 from pyro_vae.run import (
-    BEST,
     FIGURES,
     RunClaim,
     RunDirError,
-    atomic_write,
-    best_epoch,
     claim_run_dir,
     code_paths,
     load_checkpoint,
+    load_config,
     read_metrics,
-    rng_state,
-    save_checkpoint,
     save_config,
     set_rng_state,
-    write_metrics,
 )
 from pyro_vae.schedules import KLSchedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -62,7 +68,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+        raise ConfigError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
     return dev
 
 
@@ -177,32 +183,6 @@ def train_epoch(objective, optimizer, dataset: Dataset, batch_size: int, schedul
     return mean, kl_weights, (None if grad_norm is None else float(grad_norm))
 
 
-class TensorBoard:
-    """``--tensorboard``: every numeric metric per epoch, and a grid of samples from the prior."""
-
-    def __init__(self, run_dir: Path, image_shape):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                             "(or train without --tensorboard; metrics.jsonl has the same figures)") from None
-        self.writer, self.image_shape = SummaryWriter(str(run_dir / "tensorboard")), image_shape
-
-    def log(self, epoch: int, row: dict, model) -> None:
-        for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, epoch)
-        if self.image_shape and hasattr(model, "sample"):
-            from torchvision.utils import make_grid
-
-            try:
-                images = model.sample(64).reshape(-1, *self.image_shape).clamp(0, 1)
-            except TypeError:  # conditional models need their context to sample
-                return
-            self.writer.add_image("samples", make_grid(images, nrow=8), epoch)
-        self.writer.flush()
-
-
 def check_first_step(objective, dataset: Dataset, context_keys, batch_size: int) -> None:
     """One step's loss under Pyro's validation (``pyro.validation_enabled``), once before
     training: a program that does not fit its data (a value outside the support of a
@@ -262,6 +242,7 @@ def train(
     dataset: Dataset | None = None,
     log_every: int = 50,
     overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict]:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns the metrics rows.
 
@@ -270,11 +251,15 @@ def train(
     agree. ``RUN/.lock`` keeps a second training out while this one writes. Under torchrun
     every process calls this; rank 0 alone writes the run directory. On Ctrl-C it raises
     ``TrainingInterrupted``, whose message says what was saved; a training that saved no epoch
-    leaves nothing behind.
+    leaves nothing behind. ``callbacks`` (``pyro_vae.callbacks.Callback``) run after the
+    built-in ones (checkpoint, early stopping, TensorBoard, the per-epoch line).
     """
     claim = claim_run_dir(run_dir, overwrite, resume)  # refuses before any work
+    if resume:
+        check_resume(load_config(run_dir), config, run_dir)
     try:
-        return _train(config, claim, quiet, dataset, log_every)
+        setup = _setup(config, claim, quiet, dataset)
+        return _loop(setup, [*_builtin_callbacks(setup), *callbacks], log_every)
     except BaseException as e:
         removed = claim.discard() and claim.created
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, TrainingInterrupted):
@@ -284,24 +269,92 @@ def train(
         claim.release()
 
 
-def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset | None, log_every: int) -> list[dict]:
-    run_dir, resume = claim.run_dir, claim.resume
+@dataclass
+class Setup:
+    """Everything the loop needs, built and checked by ``_setup`` before anything is written."""
+
+    state: TrainingState
+    dataset: Dataset
+    objective: torch.nn.Module  # what the loop steps (DistributedDataParallel around it when distributed)
+    evaluator: torch.nn.Module  # the same objective, unwrapped, for test and validation losses
+    schedule: KLSchedule
+    context_keys: tuple
+    start_epoch: int
+
+
+def _loop(setup: Setup, callbacks: list, log_every: int) -> list[dict]:
+    """The SVI loop: per epoch, set the learning rate, step through the training data, measure
+    the test (and validation) loss, and hand the metrics row to the callbacks."""
+    state, config = setup.state, setup.state.config
+    show = not state.quiet and state.is_main and sys.stderr.isatty()  # a progress bar
+    for callback in callbacks:
+        callback.on_train_start(state)
+    for epoch in range(setup.start_epoch, config.epochs + 1):
+        if state.stop:
+            break
+        state.epoch, t0 = epoch, time.perf_counter()
+        lr = config.lr_at(epoch)  # the config's rate wins on --resume (stage-wise schedules)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            train_loss, state.kl_weights, grad_norm = train_epoch(
+                setup.objective, state.optimizer, setup.dataset, config.batch_size, setup.schedule, epoch,
+                config.clip_grad, setup.context_keys, progress=show, log_every=log_every,
+                desc=f"epoch {epoch}/{config.epochs}", seed=config.seed, world=state.world,
+                labelled_every=config.labelled_every)
+        except FloatingPointError as e:
+            raise _diverged(epoch, e.args[0], e.args[1], state.claim, config) from None
+        row = _epoch_row(setup, state.world.weighted_mean(train_loss, 1.0), grad_norm, lr, t0)
+        state.metrics.append(row)
+        for callback in callbacks:
+            callback.on_epoch_end(state, row)
+    for callback in callbacks:
+        callback.on_train_end(state)
+    return state.metrics
+
+
+def _epoch_row(setup: Setup, train_loss: float, grad_norm: float | None, lr: float, t0: float) -> dict:
+    """The epoch's metrics line: losses (nats per data point), the KL weights, the settings a
+    --resume may change as this epoch ran, accuracies where the guide classifies."""
+    state, dataset, evaluator, keys = setup.state, setup.dataset, setup.evaluator, setup.context_keys
+    config, guide = state.config, state.guide
+    evaluator.eval()
+    row = {"epoch": state.epoch, "train_loss": train_loss,
+           "test_loss": _sharded_loss(evaluator, dataset, "test", keys, state.world),
+           "epoch_time_s": time.perf_counter() - t0, **state.kl_weights, "lr": lr,
+           "clip_grad": config.clip_grad, "early_stopping": config.early_stopping,
+           "device": str(dataset.train.device), "jit": config.jit, "amp": config.amp}
+    if hasattr(guide, "classify") and dataset.test_labels is not None:
+        row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
+        if dataset.valid_labels is not None:  # for choosing the epoch without the test set
+            row["valid_accuracy"] = accuracy(guide, dataset.valid, dataset.valid_labels)
+    if dataset.valid is not None:
+        row["valid_loss"] = _sharded_loss(evaluator, dataset, "valid", keys, state.world)
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    return row
+
+
+def _builtin_callbacks(setup: Setup) -> list[Callback]:
+    config, state = setup.state.config, setup.state
+    found: list[Callback] = [SaveCheckpoint()]
+    if config.tensorboard and state.is_main:
+        found.append(TensorBoard(state.run_dir, config.image_shape))
+    if config.early_stopping:
+        found.append(EarlyStopping(config.early_stopping))
+    found.append(PrintEpochs())
+    return found
+
+
+def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset | None) -> Setup:
+    """Device, data, model and guide, their checks, the objective and the optimizer; then, once
+    everything agrees, the run directory is claimed and (on --resume) the checkpoint loaded."""
     device = resolve_device(config.device)
     world = World.from_env(device)
     device = world.device(device)
     pyro.set_rng_seed(config.seed + world.rank)  # latent noise and binarization differ per rank
     pyro.clear_param_store()
-
-    if dataset is None:
-        dataset = load_dataset(config.dataset, device, config.data_dir, config.validation,
-                               config.train_size, config.test_size, config.image_size, config.classes,
-                               config.image_shape, config.standardize)
-    config.x_dim = dataset.x_dim
-    config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
-    config.num_classes = dataset.num_classes
-    config.standardization = dataset.standardization.record() if dataset.standardization else None
-    if config.labels:
-        dataset = dataset.keep_labels(config.labels, config.seed)
+    dataset = _load_data(config, device, dataset)
     model, guide = build_model_and_guide(config, dataset.train_mean())
     model.to(device), guide.to(device)
     context_keys = program_context_keys(model, guide)  # e.g. ("y",): labels as context
@@ -312,10 +365,47 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
             autocast_layers(module, device.type, amp_dtype(config.amp))
     schedule = KLSchedule.from_config(config)  # decides beta (or the capacity C) each step
     objective = make_objective(model, guide, make_estimator(config.estimator, config.particles), schedule)
+    _check_before_training(objective, dataset, context_keys, first, config, world, quiet)
+    if config.jit:
+        objective = TracedObjective(objective)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    evaluator = objective
+    if world.size > 1:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    state = TrainingState(config=config, run_dir=claim.run_dir, model=model, guide=guide, optimizer=optimizer,
+                          world=world, claim=claim, quiet=quiet)
+    start_epoch = _claim_and_resume(state, dataset)
+    return Setup(state, dataset, objective, evaluator, schedule, context_keys, start_epoch)
+
+
+def _load_data(config: TrainConfig, device, dataset: Dataset | None) -> Dataset:
+    """The configured data on ``device`` (or ``dataset`` as given); what it says of itself (sizes,
+    image shape, classes, standardization) is written into ``config``."""
+    if dataset is None:
+        dataset = load_dataset(config.dataset, device, config.data_dir, config.validation,
+                               config.train_size, config.test_size, config.image_size, config.classes,
+                               config.image_shape, config.standardize)
+    config.x_dim = dataset.x_dim
+    config.image_shape = list(dataset.image_shape) if dataset.image_shape else None
+    config.num_classes = dataset.num_classes
+    config.standardization = dataset.standardization.record() if dataset.standardization else None
+    if config.early_stopping and dataset.valid is None:
+        raise ConfigError(f"--early-stopping {config.early_stopping} watches the validation split: "
+                          f"add --validation N (e.g. --validation 10000)")
+    return dataset.keep_labels(config.labels, config.seed) if config.labels else dataset
+
+
+def _check_before_training(objective, dataset: Dataset, context_keys, first: dict, config: TrainConfig,
+                           world: World, quiet: bool) -> None:
+    """Model, guide and data agree (sites, shapes, the data inside the observation's support,
+    one validated step), before anything is written; records how each KL is computed."""
+    model, guide = objective.model, objective.guide
     with pyro.validation_enabled(False):  # site names, shapes and plates; values come next
         check_pair(model, guide, first["x"], **first["context"])
-    check_data_support(model, dataset.train, "training data", dataset.binarize, guide, **first["context"])
-    check_data_support(model, dataset.test, "test data", guide=guide, **dataset.context(context_keys, slice(0, 2), "test"))
+    check_data_support(model, dataset.train, f"the training data of {config.dataset!r}", dataset.binarize, guide,
+                       **first["context"])
+    check_data_support(model, dataset.test, f"the test data of {config.dataset!r}", guide=guide,
+                       **dataset.context(context_keys, slice(0, 2), "test"))
     if world.is_main:
         check_data_scale(model, dataset.train, guide=guide, **first["context"])  # a hint: --standardize
     check_first_step(objective, dataset, context_keys, config.batch_size)
@@ -323,12 +413,12 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     if config.kl_methods and not quiet and world.is_main:
         print(f"{config.estimator}: " + "; ".join(f"{site} KL {how}" for site, how in config.kl_methods.items()),
               file=sys.stderr)
-    if config.jit:
-        objective = TracedObjective(objective)
-    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    evaluator = objective
-    if world.size > 1:
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _claim_and_resume(state: TrainingState, dataset: Dataset) -> int:
+    """Lock the run directory (every process stops if the main one may not write), load the
+    checkpoint on --resume, write config.json; returns the first epoch to train."""
+    config, run_dir, world, claim = state.config, state.run_dir, state.world, state.claim
     refusal = None
     if world.is_main:  # only now that model, guide and data agree: nothing is written before
         try:
@@ -336,92 +426,24 @@ def _train(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
             (run_dir / FIGURES).mkdir(parents=True, exist_ok=True)
         except RunDirError as e:
             refusal = str(e)
-    refusal = world.gather(refusal)[0]  # every rank stops if rank 0 may not write
+    refusal = world.gather(refusal)[0]
     if refusal is not None:
         raise RunDirError(refusal)
-
-    start_epoch, metrics = 1, []
-    if resume:
-        state = load_checkpoint(run_dir)  # on the CPU (RNG states must be); load_state_dict moves
-        model.load_state_dict(state["model"])
-        guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][world.rank])
-        start_epoch = state["epoch"] + 1
-        claim.saved_epoch = state["epoch"]
-        metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= state["epoch"]]
-    if config.early_stopping and dataset.valid is None:
-        raise ValueError(f"--early-stopping {config.early_stopping} watches the validation split: "
-                         f"add --validation N (e.g. --validation 10000)")
+    start_epoch = 1
+    if claim.resume:
+        saved = load_checkpoint(run_dir)  # on the CPU (RNG states must be); load_state_dict moves
+        if saved["epoch"] >= config.epochs:
+            raise ConfigError(f"{run_dir} has trained {saved['epoch']} epochs, and --epochs {config.epochs} is the "
+                              f"total to reach: give --epochs {saved['epoch'] + 10} (or any number above "
+                              f"{saved['epoch']}) to train further")
+        state.model.load_state_dict(saved["model"])
+        state.guide.load_state_dict(saved["guide"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"][world.rank])
+        claim.saved_epoch, start_epoch = saved["epoch"], saved["epoch"] + 1
+        state.metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= saved["epoch"]]
     if world.is_main:
         save_config(run_dir, config)
         if dataset.standardization is not None:
             dataset.standardization.save(run_dir)  # a tensor file where config.json refers to one
-    board = TensorBoard(run_dir, config.image_shape) if config.tensorboard and world.is_main else None
-
-    show = not quiet and world.is_main and sys.stderr.isatty()
-    for epoch in range(start_epoch, config.epochs + 1):
-        if _patience_spent(metrics, config.early_stopping):
-            break
-        t0 = time.perf_counter()
-        lr = config.lr_at(epoch)  # the config's rate wins on --resume (stage-wise schedules)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            train_loss, kl_weights, grad_norm = train_epoch(
-                objective, optimizer, dataset, config.batch_size, schedule, epoch, config.clip_grad,
-                context_keys, progress=show, log_every=log_every, desc=f"epoch {epoch}/{config.epochs}",
-                seed=config.seed, world=world, labelled_every=config.labelled_every)
-        except FloatingPointError as e:
-            raise _diverged(epoch, e.args[0], e.args[1], claim, config) from None
-        train_loss = world.weighted_mean(train_loss, 1.0)
-        evaluator.eval()
-        test_loss = _sharded_loss(evaluator, dataset, "test", context_keys, world)
-        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-               "epoch_time_s": time.perf_counter() - t0, **kl_weights, "lr": lr,
-               # the settings a --resume may change, as this epoch ran
-               "clip_grad": config.clip_grad, "early_stopping": config.early_stopping, "device": str(device),
-               "jit": config.jit, "amp": config.amp}
-        if hasattr(guide, "classify") and dataset.test_labels is not None:
-            row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
-            if dataset.valid_labels is not None:  # for choosing the epoch without the test set
-                row["valid_accuracy"] = accuracy(guide, dataset.valid, dataset.valid_labels)
-        if dataset.valid is not None:
-            row["valid_loss"] = _sharded_loss(evaluator, dataset, "valid", context_keys, world)
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
-        metrics.append(row)
-        rng = world.gather(rng_state())  # one state per rank: a resumed run draws what it would have
-        if world.is_main:
-            write_metrics(run_dir, metrics)
-            save_checkpoint(run_dir, {
-                "model": model.state_dict(), "guide": guide.state_dict(),
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
-                "schedule": {**kl_weights, "progress_epochs": float(epoch)},
-            })
-            best = best_epoch(metrics)
-            if best is not None and best[0] == epoch:
-                state = {"model": model.state_dict(), "guide": guide.state_dict(), "epoch": epoch,
-                         "criterion": best[1], "value": best[2]}
-                atomic_write(run_dir / BEST, lambda p, s=state: torch.save(s, p))
-        claim.saved_epoch = epoch
-        if board:
-            board.log(epoch, row, model)
-        world.barrier()
-        if not quiet and world.is_main:
-            extra = f"  valid {row['valid_loss']:.2f}" if "valid_loss" in row else ""
-            weights = "  ".join(f"{k} {v:.3g}" for k, v in kl_weights.items())
-            print(f"epoch {epoch:3d}  train {train_loss:.2f}  test {row['test_loss']:.2f}{extra}  "
-                  f"{weights}  {row['epoch_time_s']:.1f}s", file=sys.stderr)
-    if _patience_spent(metrics, config.early_stopping) and not quiet and world.is_main:
-        best = best_epoch(metrics)
-        print(f"early stopping after epoch {metrics[-1]['epoch']}: no better {best[1]} than epoch {best[0]}'s "
-              f"{best[2]:.4f} for {config.early_stopping} epochs; its weights are in {run_dir / BEST}", file=sys.stderr)
-    return metrics
-
-
-def _patience_spent(metrics: list[dict], patience: int) -> bool:
-    """Early stopping: the best validation epoch lies ``patience`` or more epochs back."""
-    best = best_epoch(metrics) if patience and metrics else None
-    return best is not None and metrics[-1]["epoch"] - best[0] >= patience
-
+    return start_epoch

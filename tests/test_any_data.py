@@ -144,7 +144,7 @@ def test_support_check_through_train_for_a_program_given_by_import_path(tmp_path
     points(tmp_path / "x.npy", n=50)
     config = TrainConfig(dataset=str(tmp_path / "x.npy"), model="test_any_data:BernoulliProgram",
                          guide="gaussian", z_dim=2, hidden=[4], epochs=1, device="cpu")
-    with pytest.raises(DataError, match=r"training data holds 135 values outside the model's observed site 'obs' "
+    with pytest.raises(DataError, match=r"training data of .* holds 135 values outside the model's observed site 'obs' "
                                         r"\(Bernoulli, values in \{0, 1\}\)"):  # 45 rows x 3, none in {0, 1}
         train(config, tmp_path / "run", quiet=True)
 
@@ -199,14 +199,14 @@ def test_image_shape_for_flat_rows(tmp_path):
     assert load_dataset(str(tmp_path / "flat.npy")).image_shape is None
     with pytest.raises(DataError, match=r"--image-shape 1 28 27 does not fit rows of 784 features: .*C\*H\*W = 784"):
         load_dataset(str(tmp_path / "flat.npy"), image_shape=(1, 28, 27))
-    with pytest.raises(ValueError, match="three positive sizes"):
+    with pytest.raises(ValueError, match="image_shape = .*must be a list of 3 integers"):
         TrainConfig(image_shape=[28, 28])
-    from pyro_vae.cli import TRAIN_FLAGS, _add_train_flags, _train_config
+    from pyro_vae.cli import _add_train_flags, _train_config
 
-    assert "image_shape" in TRAIN_FLAGS and "standardize" in TRAIN_FLAGS
     p = argparse.ArgumentParser()
     p.add_argument("--config")
     _add_train_flags(p)
+    assert {"image_shape", "standardize"} <= set(p.parse_args([]).train_flags)
     args = p.parse_args(["--image-shape", "1", "28", "28", "--standardize", "--likelihood", "gaussian"])
     config = _train_config(args)
     assert config.image_shape == [1, 28, 28] and config.standardize

@@ -56,3 +56,52 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=r"has no GPU of its own: it has 1.*--nproc 1"):
         World(1, 2, 1).device(torch.device("cuda"))
     assert World(1, 2, 1).device(torch.device("cpu")) == torch.device("cpu")
+
+
+def _rank_process(out: Path, rank: int) -> int | None:
+    """The pid of the first-attempt worker of ``rank`` in the launch writing ``out``."""
+    wanted = {f"PYRO_VAE_ELASTIC_OUT={out.resolve()}", f"RANK={rank}", "TORCHELASTIC_RESTART_COUNT=0"}
+    for entry in Path("/proc").iterdir():
+        try:
+            env = set((entry / "environ").read_bytes().decode(errors="replace").split("\0"))
+        except (OSError, ValueError):
+            continue
+        if wanted <= env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the worker through /proc")
+def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_checkpoint(tmp_path):
+    """`--nproc 2 --max-restarts 1`: kill -9 rank 1 after the first checkpoint; torchrun restarts
+    the group, the workers resume from the last checkpoint, and the finished run equals an
+    uninterrupted one bitwise (a resume draws what the uninterrupted run drew)."""
+    import signal
+    import time
+
+    common = [*COMMON, "--train-size", "5000", "--epochs", "4"]
+    out = tmp_path / "elastic"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "log"
+    launcher = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *common, "--out", str(out),
+                                 "--nproc", "2", "--max-restarts", "1"], env=env,
+                                stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and launcher.poll() is None and killed is None:
+        if read_metrics(out):  # epoch 1 is saved: kill rank 1 in the middle of what follows
+            pid = _rank_process(out, 1)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.05)
+    launcher.wait(timeout=600)
+    log = log_path.read_text()
+    assert killed is not None, log[-3000:]
+    assert launcher.returncode == 0, log[-3000:]
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    run("--train-size", "5000", "--epochs", "4", "--out", tmp_path / "plain", nproc=2)
+    elastic, plain = params(out), params(tmp_path / "plain")
+    for k in plain:
+        assert torch.equal(elastic[k], plain[k]), k

@@ -111,14 +111,14 @@ def test_train_out_on_a_run_refuses_unless_resume_or_overwrite(run, capsys):
     data = run.parent / "x.npy"
     common = ["--dataset", data, "--likelihood", "gaussian", "--z-dim", 2, "--hidden", 16, "--device", "cpu",
               "--quiet", "--out", run]
-    for epochs in (0, 1):
+    for epochs in (1, 3):
         assert cli("train", *common, "--epochs", epochs) == 2
         err = capsys.readouterr().err.strip()
         assert "already holds a run" in err and "--resume" in err and "--overwrite" in err and "\n" not in err
         assert (run / "checkpoint.pt").read_bytes() == before
     (run / "notes.txt").write_text("mine")
     # --overwrite: nothing is removed before the new pair builds and its data load
-    assert cli("train", *common, "--epochs", 1, "--overwrite", "--model", "nonsense") == 2
+    assert cli("train", *common, "--epochs", 1, "--overwrite", "--model", "nonsense.module:Thing") == 2
     assert (run / "checkpoint.pt").read_bytes() == before
     (run / "eval.json").write_text("{}")
     assert cli("train", *common, "--epochs", 1, "--overwrite", "--z-dim", 3) == 0

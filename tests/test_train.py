@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import pyro_vae.programs
 from pyro_vae.checks import DataError
 from pyro_vae.config import TrainConfig, build_model_and_guide
+from pyro_vae.errors import ConfigError
 from pyro_vae.guides import GaussianGuide
 from pyro_vae.models import VAE
 from pyro_vae.objectives import Objective, SiteMismatchError, make_estimator
@@ -84,13 +86,13 @@ def test_divergence_stops_with_a_diagnosis_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_user_errors_name_the_problem(tmp_path, small_mnist):
-    with pytest.raises(UnknownNameError, match="Known models: .*vae"):
+    with pytest.raises(ConfigError, match="model = 'nonsense': must be one of .*vae"):
         train(small_config(model="nonsense"), tmp_path, quiet=True, dataset=small_mnist)
     with pytest.raises(UnknownNameError, match="Known estimators: .*elbo.*meanfield"):
         make_estimator("nonsense")
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="preset = 'huge': must be one of seed, iwae1, iwae2"):
         small_config(preset="huge")
-    with pytest.raises(ValueError, match=r"lr_decay must lie in \(0, 1\].*got 1.5"):
+    with pytest.raises(ConfigError, match=r"lr_decay = 1.5: must be a finite number > 0 and <= 1"):
         small_config(lr_decay=1.5)
     with pytest.raises(DataError, match=r"GaussianGuide expects data of shape \(batch, 784\), got \(4, 100\)"):
         Objective(VAE(), GaussianGuide(), make_estimator("elbo"))(torch.rand(4, 100))
@@ -135,7 +137,7 @@ def test_tensorboard_logs_or_says_how_to_install_it(tmp_path, small_mnist):
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(ValueError, match="pip install tensorboard"):
+        with pytest.raises(ValueError, match=r"pip install 'pyro-vae\[tensorboard\]'"):
             train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
     else:
         train(small_config(epochs=1, tensorboard=True), tmp_path, quiet=True, dataset=small_mnist)
@@ -167,3 +169,60 @@ def test_early_stopping_keeps_the_best_validation_epoch(tmp_path, capsys):
     assert not (plain / "best.pt").exists()
     with pytest.raises(CheckpointError, match="validation split"):
         load_run(plain, best=True)
+
+
+def test_tensorboard_logs_every_metric_and_a_sample_grid_per_epoch(tmp_path, small_mnist, monkeypatch):
+    """--tensorboard through a stand-in SummaryWriter (tensorboard is an optional extra): each
+    epoch's numeric metrics as scalars and a grid of prior samples as an image; without the
+    package, one line naming the extra."""
+    import types
+
+    logged = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            logged.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            logged.append(("scalar", key, step))
+
+        def add_image(self, key, image, step):
+            logged.append(("image", key, tuple(image.shape), step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(small_config(tensorboard=True), tmp_path / "run", quiet=True, dataset=small_mnist)
+    assert ("dir", str(tmp_path / "run" / "tensorboard")) in logged
+    for epoch in (1, 2):
+        assert ("scalar", "train_loss", epoch) in logged and ("scalar", "test_loss", epoch) in logged
+        assert ("image", "samples", (3, 242, 242), epoch) in logged  # 8 x 8 digits of 28 + 2 padding
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install .pyro-vae\[tensorboard\]."):
+        train(small_config(tensorboard=True), tmp_path / "other", quiet=True, dataset=small_mnist)
+
+
+def test_a_users_callback_sees_every_epoch_and_can_stop_training(tmp_path, small_mnist):
+    import pyro_vae
+
+    class StopWhenGoodEnough(pyro_vae.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_start(self, state):
+            self.seen.append(("start", state.epoch, len(state.metrics)))
+
+        def on_epoch_end(self, state, row):
+            assert (state.run_dir / "checkpoint.pt").exists()  # the built-in ones ran first
+            self.seen.append(("epoch", row["epoch"], round(row["test_loss"], 3)))
+            state.stop = row["epoch"] == 2
+
+        def on_train_end(self, state):
+            self.seen.append(("end", state.epoch, len(state.metrics)))
+
+    callback = StopWhenGoodEnough()
+    rows = train(small_config(epochs=5), tmp_path / "run", quiet=True, dataset=small_mnist, callbacks=[callback])
+    assert [r["epoch"] for r in rows] == [1, 2] and [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+    assert callback.seen == [("start", 0, 0), ("epoch", 1, round(rows[0]["test_loss"], 3)),
+                             ("epoch", 2, round(rows[1]["test_loss"], 3)), ("end", 2, 2)]

@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyro_vae.errors import ConfigError
 from pyro_vae.models.cvae import embed_context
 from pyro_vae.nets import GaussianHead
 from pyro_vae.programs import BuiltinProgram
@@ -22,11 +23,11 @@ class ConditionalGaussianGuide(BuiltinProgram):
     context_keys = ("y",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", num_classes: int | None = None, cond_dim: int | None = None, **_):
+                 activation: str = "relu", num_classes: int | None = None, cond_dim: int | None = None):
         super().__init__()
         self.cond_dim = cond_dim or num_classes
         if not self.cond_dim:
-            raise ValueError("the conditional guide needs the context width: num_classes or cond_dim")
+            raise ConfigError("the conditional guide needs the context width: num_classes or cond_dim")
         self.encoder = GaussianHead([x_dim + self.cond_dim, *hidden, z_dim], activation)
 
     def posterior(self, x: torch.Tensor, y=None) -> dist.Distribution:

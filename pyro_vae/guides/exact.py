@@ -18,7 +18,7 @@ class LinearPosteriorGuide(BuiltinProgram):
 
     latent_sites = ("z",)
 
-    def __init__(self, model, **_):
+    def __init__(self, model):
         super().__init__()
         self._model = [model]  # a list: do not register the model's parameters twice
 

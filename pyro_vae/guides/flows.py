@@ -9,6 +9,7 @@ import pyro.distributions as dist
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
 
+from pyro_vae.errors import ConfigError
 from pyro_vae.nets import MLP
 from pyro_vae.nets import activation as make_activation
 from pyro_vae.programs import BuiltinProgram
@@ -21,7 +22,7 @@ class _Encoder(nn.Module):
     def __init__(self, x_dim, hidden, act, heads: Sequence[int]):
         super().__init__()
         if not hidden:
-            raise ValueError("this guide needs at least one hidden layer (--hidden)")
+            raise ConfigError("this guide needs at least one hidden layer (--hidden)")
         self.body = nn.Sequential(MLP([x_dim, *hidden], act), make_activation(act))
         self.heads = nn.ModuleList(nn.Linear(hidden[-1], n) for n in heads)
 
@@ -40,7 +41,7 @@ class IAFGuide(BuiltinProgram):
     latent_sites = ("z",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", num_flows: int = 2, **_):
+                 activation: str = "relu", num_flows: int = 2):
         super().__init__()
         self.encoder = _Encoder(x_dim, list(hidden), activation, [z_dim, z_dim])
         self.flows = nn.ModuleList(
@@ -65,7 +66,7 @@ class LowRankGuide(BuiltinProgram):
     latent_sites = ("z",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", rank: int = 2, **_):
+                 activation: str = "relu", rank: int = 2):
         super().__init__()
         self.z_dim, self.rank = z_dim, rank
         self.encoder = _Encoder(x_dim, list(hidden), activation, [z_dim, z_dim * rank, z_dim])

@@ -29,7 +29,6 @@ class GaussianGuide(BuiltinProgram):
         activation: str = "relu",
         net: str = "mlp",
         image_shape: Sequence[int] | None = None,
-        **_,
     ):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim

@@ -28,7 +28,6 @@ class HierarchicalGuide(BuiltinProgram):
         activation: str = "tanh",
         z1_dim: int = 100,
         hidden2: Sequence[int] = (100, 100),
-        **_,
     ):
         super().__init__()
         self.x_dim, self.z_dim, self.z1_dim = x_dim, z_dim, z1_dim

@@ -26,7 +26,7 @@ class SSVAEGuide(BuiltinProgram):
     context_keys = ("y",)
 
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,),
-                 activation: str = "softplus", num_classes: int | None = 10, aux_weight: float = 46.0, **_):
+                 activation: str = "softplus", num_classes: int | None = 10, aux_weight: float = 46.0):
         super().__init__()
         self.num_classes, self.aux_weight = num_classes, aux_weight
         self.classifier = MLP([x_dim, *hidden, num_classes], activation)

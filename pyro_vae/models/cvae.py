@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pyro_vae.checks import DataError, check_features
+from pyro_vae.errors import ConfigError
 from pyro_vae.models.vae import VAE
 from pyro_vae.nets import GaussianHead
 from pyro_vae.registry import MODELS
@@ -45,7 +46,7 @@ class CVAE(VAE):
                  cond_dim: int | None = None, **net_options):
         cond_dim = cond_dim or num_classes
         if not cond_dim:
-            raise ValueError("cvae needs the context width: num_classes (labelled data) or cond_dim")
+            raise ConfigError("cvae needs the context width: num_classes (labelled data) or cond_dim")
         super().__init__(x_dim, z_dim + cond_dim, hidden, activation, likelihood, train_mean, **net_options)
         self.z_dim, self.cond_dim = z_dim, cond_dim
         self.prior_net = GaussianHead([cond_dim, *hidden, z_dim], activation)
@@ -88,9 +89,9 @@ def quadrant_mask(image_shape: Sequence[int], quadrants: int) -> torch.Tensor:
     in Pyro's CVAE tutorial: 1 = the bottom-left quadrant, 2 = the left half, 3 = all but the
     bottom-right quadrant."""
     if quadrants not in QUADRANTS:
-        raise ValueError(f"quadrants must be 1, 2 or 3 (the number of given quadrants), got {quadrants}")
+        raise ConfigError(f"quadrants must be 1, 2 or 3 (the number of given quadrants), got {quadrants}")
     if image_shape is None or len(image_shape) != 3:
-        raise ValueError(f"quadrant completion needs images of shape (C, H, W), got {image_shape}")
+        raise ConfigError(f"quadrant completion needs images of shape (C, H, W), got {image_shape}")
     c, h, w = image_shape
     visible = torch.zeros(h, w, dtype=torch.bool)
     visible[h // 2:, : w // 2] = True
@@ -122,7 +123,7 @@ class QuadrantCVAE(CVAE):
                          image_shape=image_shape, **net_options)
         mask = quadrant_mask(image_shape, quadrants)
         if mask.numel() != x_dim:
-            raise ValueError(f"image_shape {tuple(image_shape)} has {mask.numel()} pixels, the data {x_dim}")
+            raise ConfigError(f"image_shape {tuple(image_shape)} has {mask.numel()} pixels, the data {x_dim}")
         self.quadrants = quadrants
         self.scored_dims = int(mask.sum())  # bits per dimension divide by the hidden pixels only
         self.register_buffer("hidden_mask", mask, persistent=False)
@@ -143,5 +144,5 @@ class QuadrantCVAE(CVAE):
         return torch.where(self.hidden_mask, d.mean if mean else d.sample(), x)
 
     def sample(self, n: int, mean: bool = True, y=None):
-        raise ValueError("cvae-quadrant completes given images rather than sampling from nothing: "
-                         "use model.complete(x) (see examples/cvae_quadrants.py)")
+        raise ConfigError("cvae-quadrant completes given images rather than sampling from nothing: "
+                         "use model.complete(x) to complete the hidden quadrants of given images")

@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyro_vae.errors import ConfigError
 from pyro_vae.models.vae import VAE
 from pyro_vae.registry import MODELS
 
@@ -51,7 +52,7 @@ class VampPriorVAE(VAE):
 
     def tie(self, guide) -> None:
         if not hasattr(guide, "posterior"):
-            raise ValueError("the VampPrior needs a guide with posterior(x) (e.g. gaussian)")
+            raise ConfigError("the VampPrior needs a guide with posterior(x) (e.g. gaussian)")
         self.__dict__["_guide"] = guide
 
     def prior(self, batch_shape=()):

@@ -11,6 +11,7 @@ from torch import nn
 
 from pyro_vae.checks import check_features
 from pyro_vae.distributions import StandardNormal
+from pyro_vae.errors import ConfigError
 from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.nets import decoder_net
 from pyro_vae.programs import BuiltinProgram
@@ -91,9 +92,9 @@ class LinearGaussian(LatentVariableModel):
     """
 
     def __init__(self, x_dim: int = 784, z_dim: int = 20, noise_scale: float = 1.0,
-                 likelihood: str = "gaussian", **_):
+                 likelihood: str = "gaussian"):
         if likelihood != "gaussian":
-            raise ValueError(f"--model linear is Gaussian by construction (probabilistic PCA) and cannot use "
+            raise ConfigError(f"--model linear is Gaussian by construction (probabilistic PCA) and cannot use "
                              f"--likelihood {likelihood}: drop --likelihood (or give gaussian), or use --model vae")
         super().__init__(x_dim, z_dim)
         self.weight = nn.Parameter(torch.randn(x_dim, z_dim) / z_dim**0.5)

@@ -13,6 +13,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 from pyro.infer.traceenum_elbo import _compute_dice_elbo
 
+from pyro_vae.errors import ConfigError
 from pyro_vae.objectives.base import (
     Objective,
     SiteMismatchError,
@@ -32,7 +33,8 @@ def _pyro_elbo(cls, K: int = 1, max_plate_nesting: float = float("inf"), **opts)
     """Pyro's class with K particles (vectorized; a loop for programs that do not broadcast),
     the plate nesting guessed at the first call unless given."""
     if opts:
-        raise ValueError(f"unexpected options {sorted(opts)}")
+        raise ConfigError(f"unexpected options {sorted(opts)}")
+    K = importance.check_positive_int("K", K)
     return cls(num_particles=K, vectorize_particles=K > 1, max_plate_nesting=max_plate_nesting)
 
 
@@ -92,7 +94,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"estimator option {item!r} in {spec!r} must look like key=value")
+            raise ConfigError(f"estimator option {item!r} in {spec!r} must look like key=value")
         opts[key.strip()] = _parse_value(value.strip())
     return name.strip(), opts
 
@@ -108,7 +110,7 @@ def make_estimator(spec: str, particles: int | None = None, **defaults):
     try:
         return factory(**opts)
     except TypeError as e:
-        raise ValueError(f"bad options for estimator {name!r} in {spec!r}: {e}") from None
+        raise ConfigError(f"bad options for estimator {name!r} in {spec!r}: {e}") from None
 
 
 # Importance-weighted bounds and gradient estimators (objectives/importance.py): the classes

@@ -3,6 +3,7 @@ check, vectorized importance log-weights, and the ``Objective`` module the train
 
 from __future__ import annotations
 
+import math
 import warnings
 from itertools import zip_longest
 from typing import NamedTuple
@@ -17,11 +18,10 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
+from pyro_vae.errors import ConfigError, ProgramError, SiteMismatchError
+
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
 
-
-class SiteMismatchError(ValueError):
-    """A model and guide whose latent sample sites disagree."""
 
 
 class ScaleLatents(Messenger):
@@ -245,7 +245,7 @@ def validate_traces(model_trace, guide_trace, max_plate_nesting) -> None:
                 check_site_shape(site, max_plate_nesting)
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and getattr(site["fn"], "has_rsample", None) is None:
-            raise ValueError(f"guide site {name!r} ({type(site['fn']).__name__}) has a missing specification "
+            raise ProgramError(f"guide site {name!r} ({type(site['fn']).__name__}) has a missing specification "
                              f"of has_rsample: a guide samples distributions (pyro.factor belongs in the model)")
 
 
@@ -333,7 +333,7 @@ def find_data_plate(model_trace):
             break
         candidates = [f for f in candidates if keep(f)] or candidates
     if len(candidates) > 1:
-        raise ValueError(f"cannot tell which of the plates {[f.name for f in candidates]} around the observed "
+        raise ProgramError(f"cannot tell which of the plates {[f.name for f in candidates]} around the observed "
                          f"site holds the data points; name that plate 'data'")
     return candidates[0] if candidates else None
 
@@ -345,10 +345,10 @@ def _observed_scale(model_trace):
     scale = scales[0]
     for other in scales[1:]:
         if other is not scale and not (isinstance(other, (int, float)) and other == scale):
-            raise ValueError("the observed sites carry different scales (subsampling factors); the "
+            raise ProgramError("the observed sites carry different scales (subsampling factors); the "
                              "importance-weighted bounds need one: give every observed site the same scale")
     if torch.is_tensor(scale) and scale.numel() != 1:
-        raise ValueError("the observed site's scale is a tensor of shape "
+        raise ProgramError("the observed site's scale is a tensor of shape "
                          f"{tuple(scale.shape)}; the importance-weighted bounds need one number (N/B)")
     return scale
 
@@ -399,7 +399,7 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
     scale = _observed_scale(model_trace) if per_point else 1.0
     if particle is None:  # REPEATED layout: rows j * B + i; a singleton particle dim left of every plate
         if not per_point and repeats > 1:
-            raise ValueError("the model has a latent outside the data plate and does not "
+            raise ProgramError("the model has a latent outside the data plate and does not "
                              "broadcast over particles: its particles cannot be drawn by repeating the batch. "
                              "Make the program broadcast (e.g. expand labels to z's batch shape), or use K=1")
         particle = _Frame(dim=-1 - max((len(site["fn"].batch_shape) for t in (model_trace, guide_trace)
@@ -460,6 +460,19 @@ class Objective(nn.Module):
         check_pair(model, guide)
         self.model, self.guide, self.estimator = model, guide, estimator
 
+    def validate(self, x: torch.Tensor, beta: float = 1.0) -> None:
+        """DataError for non-finite data or data outside a built-in likelihood's support
+        (a user's own distributions are checked by Pyro's validation), ConfigError for a KL
+        weight that is negative or not finite."""
+        from pyro_vae.checks import check_finite
+
+        if not torch.is_tensor(beta) and not (math.isfinite(beta) and beta >= 0):
+            raise ConfigError(f"beta = {beta}: the KL weight must be a finite number >= 0")
+        check_finite(x, "the data")
+        likelihood = getattr(self.model, "likelihood", None)
+        if hasattr(likelihood, "check_support"):
+            likelihood.check_support(x)
+
     def __call__(self, *args, **kwargs):
         from pyro_vae.programs import objective_scope
 
@@ -467,5 +480,7 @@ class Objective(nn.Module):
             return super().__call__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, beta: float = 1.0, **context) -> torch.Tensor:
+        if is_validation_enabled():  # as Pyro's own checks: off in the training loop, on by default
+            self.validate(x, beta)
         model, guide = scale_latents(self.model, beta), scale_latents(self.guide, beta)
         return self.estimator.differentiable_loss(model, guide, x, **context) / x.shape[0]

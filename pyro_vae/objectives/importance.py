@@ -35,6 +35,7 @@ from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
 
+from pyro_vae.errors import ConfigError, NotReparameterizedError
 from pyro_vae.objectives.base import (
     REPEATED,
     VECTORIZED,
@@ -49,13 +50,9 @@ from pyro_vae.objectives.base import (
 )
 
 
-class NotReparameterizedError(ValueError):
-    """A guide site without ``rsample`` given to a reparameterized-gradient estimator."""
-
-
-def _check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -106,7 +103,7 @@ class ImportanceWeightedELBO(ELBO):
     detach_guide_params = False  # True: the path derivative (Roeder et al. 2017)
 
     def __init__(self, K: int = 1, max_plate_nesting: float = float("inf")):
-        super().__init__(num_particles=_check_positive_int("K", K), vectorize_particles=True)
+        super().__init__(num_particles=check_positive_int("K", K), vectorize_particles=True)
         self.max_plate_nesting = max_plate_nesting + 1  # the particle plate included, for every K
         self.layout = None  # VECTORIZED or REPEATED, decided at the first call (particle_layout)
 
@@ -273,7 +270,7 @@ class MIWAE(ImportanceWeightedELBO):
     name = "miwae"
 
     def __init__(self, M: int = 1, K: int = 1, max_plate_nesting: float = float("inf")):
-        self.M, self.K = _check_positive_int("M", M), _check_positive_int("K", K)
+        self.M, self.K = check_positive_int("M", M), check_positive_int("K", K)
         super().__init__(M * K, max_plate_nesting)
 
     def bound(self, lw):
@@ -291,7 +288,7 @@ class CIWAE(ImportanceWeightedELBO):
 
     def __init__(self, beta: float = 0.5, K: int = 1, max_plate_nesting: float = float("inf")):
         if not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"ciwae's beta mixes ELBO and IWAE and must lie in [0, 1], got {beta}")
+            raise ConfigError(f"ciwae's beta mixes ELBO and IWAE and must lie in [0, 1], got {beta}")
         self.beta = float(beta)
         super().__init__(K, max_plate_nesting)
 
@@ -340,6 +337,8 @@ class Renyi(ImportanceWeightedELBO):
 
     def __init__(self, alpha: float = 0.0, K: int = 1, max_plate_nesting: float = float("inf")):
         self.alpha = float(alpha)
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"renyi's alpha must be a finite number (0: IWAE, 1: the ELBO), got {alpha}")
         super().__init__(K, max_plate_nesting)
 
     def bound(self, lw):

@@ -23,12 +23,9 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO
 
+from pyro_vae.errors import KLNotAvailableError
 from pyro_vae.objectives.base import Objective, _to_particle_data_shape, site_log_prob, traces
 from pyro_vae.objectives.kl import _unexpand, factors, is_latent, site_kls
-
-
-class KLNotAvailableError(ValueError):
-    """A KL term the configured estimator, prior or guide cannot provide."""
 
 
 def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tensor:

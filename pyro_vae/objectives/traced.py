@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from pyro_vae.errors import ConfigError, ProgramError
 from pyro_vae.objectives.base import Objective
 
 
@@ -45,7 +46,7 @@ class TracedObjective(nn.Module):
     def __init__(self, objective: Objective):
         super().__init__()
         if type(objective) is not Objective:
-            raise ValueError(f"--jit traces the plain Objective (beta schedules, any estimator); "
+            raise ConfigError(f"--jit traces the plain Objective (beta schedules, any estimator); "
                              f"{type(objective).__name__} (capacity or free bits) runs without --jit")
         self.objective = objective
         self._traces: dict = {}
@@ -84,7 +85,7 @@ class TracedObjective(nn.Module):
         with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.jit.optimized_execution(False):
             replay = traced(x, *args)
         if not torch.allclose(eager, replay, rtol=1e-4, atol=1e-4):
-            raise RuntimeError(
+            raise ProgramError(
                 f"--jit: the traced objective gives {float(replay):.4f} where the model and guide "
                 f"give {float(eager):.4f}; their control flow must depend on tensor values. "
                 f"Train without --jit."
