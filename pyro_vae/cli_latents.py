@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pyro_vae.errors import ConfigError
+
 
 def _figure(config, data, x, out: Path, arrays: Path, title: str, label: str) -> list:
     """An image grid of x (images), or a scatter of pairs of features over the test points;
@@ -43,10 +45,10 @@ def _scaling_factor(args, given) -> float:
     if args.scaling_factor is not None:
         return args.scaling_factor
     if isinstance(given, dict):
-        raise ValueError(f"{args.latents} holds the unscaled means of `pyro-vae encode`: leave out --scaled")
+        raise ConfigError(f"{args.latents} holds the unscaled means of `pyro-vae encode`: leave out --scaled")
     stored = Path(args.run) / "latents.pt"
     if not stored.exists():
-        raise ValueError(f"--scaled needs the run's scaling factor: run `pyro-vae encode {args.run}` first "
+        raise ConfigError(f"--scaled needs the run's scaling factor: run `pyro-vae encode {args.run}` first "
                          f"(writes {stored}) or pass --scaling-factor F")
     return read_latents(stored)["scaling_factor"]
 
@@ -59,18 +61,18 @@ def cmd_decode(args) -> int:
     config, model, guide, device = open_run(args.run, args.device, args.seed, args.best, args.trust_code)
     data = load_run_data(config, device, test_size=None)
     if _takes_context(model, guide):
-        raise ValueError("decode reads latents alone, and this run's model also takes labels as context")
+        raise ConfigError("decode reads latents alone, and this run's model also takes labels as context")
     given = read_latents(args.latents)
     if isinstance(given, dict):
         if args.split not in given:
-            raise ValueError(f"{args.latents} has no {args.split!r} split; it has "
+            raise ConfigError(f"{args.latents} has no {args.split!r} split; it has "
                              f"{', '.join(k for k in ('train', 'test', 'data') if k in given)}")
         z = given[args.split]["mean"]
     else:
         z = given
     layout = latent_layout(model, guide, data.test)
     if z.dim() < 2:
-        raise ValueError(f"{args.latents} holds a tensor of shape {tuple(z.shape)}: give latents with rows first, "
+        raise ConfigError(f"{args.latents} holds a tensor of shape {tuple(z.shape)}: give latents with rows first, "
                          f"(N, {', '.join(map(str, layout.shape))})")
     layout.check(z, str(args.latents))
     if args.scaled:
@@ -107,7 +109,7 @@ def cmd_prior(args) -> int:
     options = {k: getattr(args, k) for k, (kinds, _, _) in PRIOR_OPTIONS.items() if getattr(args, k) is not None}
     for key in options:
         if args.kind not in PRIOR_OPTIONS[key][0]:
-            raise ValueError(f"--{key.replace('_', '-')} is an option of --kind {PRIOR_OPTIONS[key][0][0]}, not {args.kind}")
+            raise ConfigError(f"--{key.replace('_', '-')} is an option of --kind {PRIOR_OPTIONS[key][0][0]}, not {args.kind}")
     t0 = time.perf_counter()
     r = fit_prior_run(args.run, args.kind, options, args.seed, args.device, args.best, args.trust_code,
                       progress=not args.quiet)
@@ -127,7 +129,7 @@ def cmd_sample_prior(args) -> int:
     from pyro_vae.second_stage import open_prior, sample_latents
 
     if args.label is not None:
-        raise ValueError("--label draws from a class-conditional model's own prior; a second stage is unconditional")
+        raise ConfigError("--label draws from a class-conditional model's own prior; a second stage is unconditional")
     config, model, guide, device = open_run(args.run, args.device, args.seed, args.best, args.trust_code)
     prior, record = open_prior(args.run, args.prior, device, args.best)
     data = load_run_data(config, device, test_size=None if not config.image_shape else 1)
@@ -148,7 +150,7 @@ def cmd_sample_prior(args) -> int:
 def add_latent_commands(sub, run_parser) -> None:
     """The ``encode``, ``decode`` and ``prior`` subcommands (``run_parser`` adds RUN, --device,
     --seed, --best and --trust-code)."""
-    from pyro_vae.second_stage import LATENT_PRIORS
+    from pyro_vae.cli import POSITIVE, checked
 
     e = run_parser("encode", "q(z|x) of every training and test row (means, scales, labels) with scaling_factor "
                    "and per-dimension mean and sd, for downstream models; writes RUN/latents.pt", cmd_encode)
@@ -163,10 +165,11 @@ def add_latent_commands(sub, run_parser) -> None:
     d.add_argument("--out", help="PNG path (default RUN/figures/decoded.png)")
     p = run_parser("prior", "fit a second-stage prior to the run's scaled training latents; writes RUN/priors/KIND.pt",
                    cmd_prior)
-    p.add_argument("--kind", required=True, choices=LATENT_PRIORS.names(),
+    p.add_argument("--kind", required=True,  # no choices: the registry is read when the command runs (fast --help)
                    help="diffusion (DDPM, cosine schedule, epsilon prediction) or gmm (Gaussian mixture, EM)")
     for key, (kinds, typ, help_) in PRIOR_OPTIONS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=typ, help=f"{'/'.join(kinds)}: {help_}")
+        check = checked(float, above=0) if typ is float else POSITIVE
+        p.add_argument("--" + key.replace("_", "-"), type=check, help=f"{'/'.join(kinds)}: {help_}")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -174,6 +177,8 @@ def add_sample_prior_flags(s) -> None:
     """``sample``'s flags for a second stage."""
     s.add_argument("--prior", help="draw the latents from this second stage of the run (`pyro-vae prior RUN --kind "
                                    "KIND` fits it): diffusion, gmm")
-    s.add_argument("--denoising-steps", type=int, default=50, help="with --prior diffusion: sampling steps")
-    s.add_argument("--eta", type=float, default=0.0,
+    from pyro_vae.cli import POSITIVE, checked
+
+    s.add_argument("--denoising-steps", type=POSITIVE, default=50, help="with --prior diffusion: sampling steps")
+    s.add_argument("--eta", type=checked(float, at_least=0), default=0.0,
                    help="with --prior diffusion: 0 deterministic DDIM (the default), 1 ancestral DDPM sampling")

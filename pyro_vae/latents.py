@@ -46,6 +46,7 @@ from pyro_vae.applications import (
     take_rows,
     trace_program,
 )
+from pyro_vae.errors import DataError, ProgramError
 
 LATENTS_FORMAT = "pyro-vae-latents"
 
@@ -123,7 +124,7 @@ class LatentLayout:
             flat = math.prod(z.shape[1:]) if z.dim() > 1 else 1
             if flat == math.prod(self.shape) and z.dim() == 2:
                 return
-            raise ValueError(f"{what} has latents of shape {tuple(z.shape[1:])} per row, and this run's are "
+            raise DataError(f"{what} has latents of shape {tuple(z.shape[1:])} per row, and this run's are "
                              f"{self.shape}: encode with this run (`pyro-vae encode RUN`), or decode with the run "
                              f"that made them")
 
@@ -193,7 +194,7 @@ def decode(model, z: torch.Tensor, like: torch.Tensor, layout: LatentLayout | No
     first row (never scored)."""
     if layout is None:
         if not _has_fast_path(model):  # conditioning on a site the model lacks would decode prior draws
-            raise ValueError("decoding a program without a decode(z) method needs the latent sites: pass "
+            raise ProgramError("decoding a program without a decode(z) method needs the latent sites: pass "
                              "layout=latent_layout(model, guide, x), or use LatentCodec")
         layout = LatentLayout({"z": list(z.shape[1:])})
     layout.check(z, "z")
@@ -286,7 +287,7 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
     splits = {"train": (_training_rows(d, seed), d.train_labels), "test": (d.test, d.test_labels)}
     if data is not None:
         if run_context(model, guide, d):
-            raise ValueError("--data has no labels, and this run's model takes labels as context: encode its own data")
+            raise DataError("--data has no labels, and this run's model takes labels as context: encode its own data")
         splits["data"] = (load_points(data, d.x_dim, model=model, standardization=d.standardization).to(device), None)
     out: dict = {"format": LATENTS_FORMAT, "version": 1, "kind": "gaussian", "run": str(run_dir),
                  "epoch": int(load_checkpoint(run_dir, "cpu", best)["epoch"]), "best": best}
@@ -304,12 +305,11 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
 
 
 def save_latents(latents: dict, path) -> Path:
-    from pyro_vae.run import atomic_write
+    from pyro_vae.files import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: torch.save(latents, p))
-    return path
+    return save_tensors(latents, path)
 
 
 def read_latents(path) -> dict | torch.Tensor:
@@ -318,16 +318,16 @@ def read_latents(path) -> dict | torch.Tensor:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no latents file at {path}: write one with `pyro-vae encode RUN --out {path}`")
+        raise DataError(f"no latents file at {path}: write one with `pyro-vae encode RUN --out {path}`")
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False)).float()
     try:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"cannot read {path} as latents ({type(e).__name__}): give a file of "
+        raise DataError(f"cannot read {path} as latents ({type(e).__name__}): give a file of "
                          f"`pyro-vae encode` or a tensor saved with torch.save") from None
     if torch.is_tensor(value):
         return value.float()
     if isinstance(value, dict) and value.get("format") == LATENTS_FORMAT:
         return value
-    raise ValueError(f"{path} holds neither a tensor of latents nor a file of `pyro-vae encode`")
+    raise DataError(f"{path} holds neither a tensor of latents nor a file of `pyro-vae encode`")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pyro_vae.errors import ConfigError, DataError, UserError
 from pyro_vae.registry import Registry
 
 LATENT_PRIORS = Registry("latent prior")
@@ -40,7 +41,7 @@ PRIOR_FORMAT = "pyro-vae-latent-prior"
 PRIORS_DIR = "priors"
 
 
-class PriorError(ValueError):
+class PriorError(UserError, ValueError):
     """A second stage that is missing, damaged or fitted to other latents than the run's."""
 
 
@@ -94,7 +95,7 @@ class GaussianMixturePrior(nn.Module):
         n, d = z.shape
         k = self.components
         if n < k:
-            raise ValueError(f"a {k}-component mixture needs at least {k} latents, got {n}")
+            raise DataError(f"a {k}-component mixture needs at least {k} latents, got {n}")
         g = torch.Generator(device=z.device).manual_seed(self.seed)
         centres = z[torch.randint(n, (1,), generator=g, device=z.device)]
         for _ in range(1, k):  # k-means++ (Arthur & Vassilvitskii 2007)
@@ -237,7 +238,7 @@ class DiffusionPrior(nn.Module):
         elif len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0:
             self.net = SmallUNet(shape[0], hidden)
         else:
-            raise ValueError(f"a diffusion prior takes vector latents (D,) or grids (C, H, W) of even H and W; "
+            raise DataError(f"a diffusion prior takes vector latents (D,) or grids (C, H, W) of even H and W; "
                              f"these are {tuple(shape)}")
         self.register_buffer("alpha_bar", cosine_alpha_bar(timesteps).float())
         self.register_buffer("bound", torch.tensor(math.inf))  # |z_0| seen in training, for clipping
@@ -300,7 +301,7 @@ class DiffusionPrior(nn.Module):
         which gave the better samples on MNIST latents (Frechet distance 29 against 48 with
         ``eta=1``, the same at 50, 100 and 250 steps; benchmarks/results/latent_diffusion.md)."""
         if not 1 <= steps <= self.timesteps:
-            raise ValueError(f"--steps must lie in 1..{self.timesteps} (the trained time steps), got {steps}")
+            raise ConfigError(f"--denoising-steps must lie in 1..{self.timesteps} (the trained time steps), got {steps}")
         self.eval()
         device = self.alpha_bar.device
         times = torch.linspace(self.timesteps - 1, 0, steps, device=device).round().long()
@@ -334,7 +335,7 @@ def save_prior(prior: nn.Module, path, latents_info: dict, fit_info: dict | None
     """Write ``prior`` atomically as tensors and plain values (``weights_only``-readable): its
     kind, options, state, what it was fitted to (``latents_info``: scaling factor, shape, sites,
     the VAE checkpoint's epoch) and how the fit went."""
-    from pyro_vae.run import atomic_write
+    from pyro_vae.files import save_tensors
 
     kind = next(name for name in LATENT_PRIORS.names() if LATENT_PRIORS.get(name) is type(prior))
     state = {"format": PRIOR_FORMAT, "version": 1, "kind": kind, "options": prior.options(),
@@ -342,8 +343,7 @@ def save_prior(prior: nn.Module, path, latents_info: dict, fit_info: dict | None
              "latents": latents_info, "fit": fit_info or {}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: torch.save(state, p))
-    return path
+    return save_tensors(state, path)
 
 
 def load_prior(path, device="cpu") -> tuple[nn.Module, dict]:

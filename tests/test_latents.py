@@ -216,6 +216,7 @@ def test_latent_commands_fail_with_one_line_naming_the_fix(run, tmp_path, capsys
     assert "pyro-vae encode" in _one_line_error(capsys, "decode", run, tmp_path / "z.pt", "--scaled")
     assert "no latents file" in _one_line_error(capsys, "decode", run, tmp_path / "missing.pt")
     assert "option of --kind gmm" in _one_line_error(capsys, "prior", run, "--kind", "diffusion", "--components", 3)
+    assert "known: diffusion, gmm" in _one_line_error(capsys, "prior", run, "--kind", "flow")
     (run / "priors").mkdir()
     (run / "priors" / "gmm.pt").write_bytes(b"not a prior")
     assert "damaged" in _one_line_error(capsys, "sample", run, "--prior", "gmm")
