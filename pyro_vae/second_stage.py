@@ -104,7 +104,7 @@ class GaussianMixturePrior(nn.Module):
         resp = nn.functional.one_hot(torch.cdist(z, centres).argmin(1), k).double()
         eye = torch.eye(d, dtype=z.dtype, device=z.device)
         previous = -math.inf
-        for it in range(self.iterations):
+        for done in range(1, self.iterations + 1):
             # M step: weights, means and covariances from the responsibilities
             nk = resp.sum(0) + 1e-10
             loc = (resp.T @ z) / nk[:, None]
@@ -124,7 +124,7 @@ class GaussianMixturePrior(nn.Module):
         self.logits.copy_((nk / n).log().float())
         self.loc.copy_(loc.float())
         self.scale_tril.copy_(tril.float())
-        return {"iterations": it + 1, "mean_log_likelihood": mean_ll}
+        return {"iterations": done, "mean_log_likelihood": mean_ll}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, **_) -> torch.Tensor:
