@@ -103,8 +103,9 @@ class GaussianMixturePrior(nn.Module):
             centres = torch.cat([centres, z[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
         resp = nn.functional.one_hot(torch.cdist(z, centres).argmin(1), k).double()
         eye = torch.eye(d, dtype=z.dtype, device=z.device)
-        previous = -math.inf
-        for done in range(1, self.iterations + 1):
+        previous, done = -math.inf, 0
+        while done < self.iterations:
+            done += 1
             # M step: weights, means and covariances from the responsibilities
             nk = resp.sum(0) + 1e-10
             loc = (resp.T @ z) / nk[:, None]
