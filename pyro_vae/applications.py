@@ -535,8 +535,8 @@ def open_run(run_dir, device: str = "auto", seed: int = 0, best: bool = False, t
     reads a run starts from (``trust_code``: see ``pyro_vae.run.load_run``)."""
     import pyro
 
+    from pyro_vae.distributed import resolve_device
     from pyro_vae.run import load_run
-    from pyro_vae.training import resolve_device
 
     pyro.set_rng_seed(seed)
     device = resolve_device(device)

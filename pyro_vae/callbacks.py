@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import ConfigError, RunDirError
-from pyro_vae.run import BEST, RunClaim, best_epoch, rng_state, save_checkpoint, write_metrics
+from pyro_vae.run import (
+    BEST,
+    RunClaim,
+    best_epoch,
+    rng_state,
+    save_checkpoint,
+    save_config,
+    write_metrics,
+)
 
 
 @dataclass
@@ -76,13 +84,14 @@ class SaveCheckpoint(Callback):
         try:
             write_metrics(run_dir, state.metrics)
             save_checkpoint(run_dir, checkpoint)
+            save_config(run_dir, state.config)  # the settings this epoch ran with (a resume may change some)
             best = best_epoch(state.metrics)
             if best is not None and best[0] == state.epoch:
                 save_checkpoint(run_dir, {"model": checkpoint["model"], "guide": checkpoint["guide"],
                                           "epoch": state.epoch, "criterion": best[1], "value": best[2]}, BEST)
         except OSError as e:
             kept = (f"the checkpoint of epoch {claim.saved_epoch} is intact: free space (or fix the folder) and "
-                    f"continue with `pyro-vae train --resume {run_dir}`" if claim.saved_epoch is not None
+                    f"continue with `pyro-vae train --resume {run_dir} --epochs {state.config.epochs}`" if claim.saved_epoch is not None
                     else "no epoch had been saved, so there is nothing to resume")
             raise RunDirError(f"cannot save epoch {state.epoch}: {e.strerror}: {e.filename}; {kept}") from None
 

@@ -127,10 +127,11 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     in ``out/runs`` are replaced only with ``overwrite``.
     """
     from pyro_vae.data import load_dataset
+    from pyro_vae.distributed import resolve_device
     from pyro_vae.evaluation import active_units, evaluate
     from pyro_vae.plots import save_bound_curves, save_snr_against_k
     from pyro_vae.run import load_run
-    from pyro_vae.training import resolve_device, train
+    from pyro_vae.training import train
 
     base = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     if not estimators:

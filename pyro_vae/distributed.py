@@ -17,6 +17,16 @@ import torch.distributed as dist
 from pyro_vae.errors import ConfigError
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA where torch sees a GPU, else the CPU) or the named device, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return dev
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0

@@ -731,8 +731,8 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     ``RUN/figures/kl_per_dim.png`` and ``RUN/figures/pareto_k.png``. A run that names its programs
     by import path needs ``trust_code=True`` (see ``pyro_vae.run.load_run``)."""
     from pyro_vae.data import load_run_data
+    from pyro_vae.distributed import resolve_device
     from pyro_vae.run import FIGURES, load_run
-    from pyro_vae.training import resolve_device
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)

@@ -38,7 +38,7 @@ from pyro_vae.callbacks import (
 from pyro_vae.checks import DataError, check_data_scale, check_data_support
 from pyro_vae.config import TrainConfig, build_model_and_guide, check_resume
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.distributed import SINGLE, World
+from pyro_vae.distributed import SINGLE, World, resolve_device  # noqa: F401 (also the training API)
 from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.traced import TracedObjective
@@ -61,15 +61,6 @@ from pyro_vae.schedules import KLSchedule
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says what was saved."""
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-    return dev
 
 
 @torch.no_grad()
@@ -115,7 +106,7 @@ def _diverged(epoch: int, step: int, loss: float, claim: RunClaim, config: Train
     trust = " --trust-code" if code_paths(config) else ""
     return TrainingDiverged(
         f"{where} The last good checkpoint (epoch {claim.saved_epoch}) is kept in {run_dir}. Try "
-        f"{', '.join(hints)}: `pyro-vae train --resume {run_dir} {' '.join(flags)}{trust}`."
+        f"{', '.join(hints)}: `pyro-vae train --resume {run_dir} --epochs {config.epochs} {' '.join(flags)}{trust}`."
     )
 
 
@@ -123,10 +114,10 @@ def _interrupted(claim: RunClaim, config: TrainConfig, removed: bool) -> Trainin
     run_dir, trust = claim.run_dir, " --trust-code" if code_paths(config) else ""
     if claim.saved_epoch is not None:
         return TrainingInterrupted(f"interrupted: epoch {claim.saved_epoch} is saved in {run_dir}; continue with "
-                                   f"`pyro-vae train --resume {run_dir}{trust}`")
+                                   f"`pyro-vae train --resume {run_dir} --epochs {config.epochs}{trust}`")
     if claim.resume:
         return TrainingInterrupted(f"interrupted before the resumed training started: {run_dir} is as it was; "
-                                   f"continue with `pyro-vae train --resume {run_dir}{trust}`")
+                                   f"continue with `pyro-vae train --resume {run_dir} --epochs {config.epochs}{trust}`")
     if not claim.taken:
         return TrainingInterrupted(f"interrupted before training started: nothing was written to {run_dir}")
     return TrainingInterrupted(
@@ -443,7 +434,8 @@ def _claim_and_resume(state: TrainingState, dataset: Dataset) -> int:
         claim.saved_epoch, start_epoch = saved["epoch"], saved["epoch"] + 1
         state.metrics = [m for m in read_metrics(run_dir) if m["epoch"] <= saved["epoch"]]
     if world.is_main:
-        save_config(run_dir, config)
+        if not claim.resume:  # a resume writes its settings with its first saved epoch (SaveCheckpoint)
+            save_config(run_dir, config)
         if dataset.standardization is not None:
             dataset.standardization.save(run_dir)  # a tensor file where config.json refers to one
     return start_epoch

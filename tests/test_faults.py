@@ -286,9 +286,10 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint_resumable(run, tm
     monkeypatch.setattr(Path, "write_bytes", full)
     code = run_cli("train", "--resume", run, "--epochs", 2, "--quiet")
     err = one_line_error(capsys, code, "cannot save epoch 2: No space left on device",
-                         "the checkpoint of epoch 1 is intact", f"--resume {run}")
+                         "the checkpoint of epoch 1 is intact", f"--resume {run} --epochs 2")
     assert "tmp" not in " ".join(os.listdir(run)), os.listdir(run)
     assert load_checkpoint(run)["epoch"] == 1 and not (run / ".lock").exists(), err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1  # config.json goes with the checkpoint
     monkeypatch.setattr(Path, "write_bytes", real)
     assert run_cli("train", "--resume", run, "--epochs", 2, "--quiet") == 0
     after = load_checkpoint(run)

@@ -204,7 +204,7 @@ def test_divergence_names_the_step_and_checkpoint_and_its_advice_works(tmp_path)
         train(config(data, epochs=3, lr=1e6), run, resume=True, quiet=True)
     message = str(e.value)
     assert "epoch 2, step" in message and "last good checkpoint (epoch 1)" in message, message
-    assert f"--resume {run} --lr" in message
+    assert f"--resume {run} --epochs 3 --lr" in message
     assert load_checkpoint(run)["epoch"] == 1
     step = int(message.split("step ")[1].split(".")[0])
     assert step < 8  # the first non-finite step, not the epoch's last (8 steps)
