@@ -376,8 +376,8 @@ def fit_prior_run(run_dir, kind: str = "diffusion", options: dict | None = None,
     """Encode a run's training rows (``pyro_vae.latents.encode_run``), fit a second stage of
     ``kind`` with ``options`` to the scaled latents and save it as ``RUN/priors/KIND.pt``.
     Returns what the fit reported, with ``path``."""
-    from pyro_vae.latents import encode_run
     from pyro_vae.distributed import resolve_device
+    from pyro_vae.latents import encode_run
 
     cls = LATENT_PRIORS.get(kind) if kind in LATENT_PRIORS else None
     if cls is None:
