@@ -9,6 +9,7 @@ The Python API in one import::
     config, model, guide = pyro_vae.load_run("runs/mine", trust_code=True)  # it names mypkg's code
     pyro_vae.evaluate(model, guide, x, k=1000)["test_log_likelihood"]
     objective = pyro_vae.Objective(model, guide, pyro_vae.make_estimator("iwae:K=5"))
+    vae = pyro_vae.LatentCodec.from_run("runs/mine")  # diffusers' verbs: vae.encode(x).latent_dist, vae.decode(z).sample
 
 Names are imported on first use, so ``import pyro_vae`` stays cheap.
 """
@@ -26,6 +27,7 @@ _API = {
     "make_estimator": "pyro_vae.objectives",
     "Objective": "pyro_vae.objectives",
     "disentangle_run": "pyro_vae.applications",
+    "LatentCodec": "pyro_vae.latents",
 }
 
 __all__ = ["__version__", *_API]

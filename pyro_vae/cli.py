@@ -1,5 +1,6 @@
 """The ``pyro-vae`` command: parse, call the library, print. Subcommands:
-train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, represent, disentangle, compare, demo."""
+train, eval, sample, reconstruct, interpolate, traverse, impute, anomaly, represent, disentangle, encode,
+decode, prior, compare, demo."""
 
 from __future__ import annotations
 
@@ -282,6 +283,10 @@ def cmd_sample(args) -> int:
     from pyro_vae.applications import data_units, is_image, prior_samples, run_context, save_arrays
     from pyro_vae.plots import save_image_grid, save_pairs
 
+    if getattr(args, "prior", None):  # latents from a second stage (pyro_vae/cli_latents.py)
+        from pyro_vae.cli_latents import cmd_sample_prior
+
+        return cmd_sample_prior(args)
     config, model, guide, device = _loaded(args)
     from pyro_vae.programs import context_keys
 
@@ -575,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=POSITIVE, default=64)
     s.add_argument("--label", type=COUNT, help="the class to draw, for class-conditional models (cvae, ssvae)")
     s.add_argument("--out", help="PNG path (default RUN/figures/samples.png)")
+    from pyro_vae.cli_latents import add_latent_commands, add_sample_prior_flags
+
+    add_sample_prior_flags(s)
     r = run_parser("reconstruct", "test points beside their reconstructions E[x | z = E_q[z|x]]: a PNG grid for "
                    "images; RUN/reconstructions.npy and a scatter plot otherwise", cmd_reconstruct)
     r.add_argument("--n", type=POSITIVE, default=32)
@@ -617,14 +625,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data", help="a .npy or .pt file of points to score against the test set")
     a.add_argument("--test-size", type=POSITIVE, help="score the first N test points only")
     a.add_argument("--out", help="PNG path (default RUN/figures/anomalies.png)")
+    add_latent_commands(sub, run_parser)  # encode, decode, prior
 
     g = run_parser("disentangle", "disentanglement metrics of the codes against the data's factor labels (MIG, "
                    "beta-VAE, FactorVAE, DCI, SAP; dsprites): writes RUN/disentangle.json and a traversal PNG "
                    "with each code labelled by its factor", cmd_disentangle)
-    g.add_argument("--points", type=int, default=20_000, help="test points whose codes the metrics read")
-    g.add_argument("--index", type=int, default=0, help="the test point of the traversal figure")
-    g.add_argument("--span", type=float, default=3.0, help="traversal values from -span to span")
-    g.add_argument("--steps", type=int, default=9)
+    g.add_argument("--points", type=checked(int, at_least=100), default=20_000, help="test points whose codes the metrics read")
+    g.add_argument("--index", type=COUNT, default=0, help="the test point of the traversal figure")
+    g.add_argument("--span", type=checked(float, above=0), default=3.0, help="traversal values from -span to span")
+    g.add_argument("--steps", type=checked(int, at_least=2), default=9)
 
     c = sub.add_parser("compare", help="train one model per ELBO estimator and compare them",
                        description=cmd_compare.__doc__ + " Writes OUT/compare.md, OUT/compare.csv, "

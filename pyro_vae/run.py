@@ -224,7 +224,7 @@ RUN_FILES = (CONFIG, CHECKPOINT, METRICS)  # a folder holding any of these holds
 WRITTEN = (CONFIG, CHECKPOINT, BEST, METRICS, FIGURES, "tensorboard", "standardization.pt", "eval.json",
            "eval_points.npz", "posterior.nc", "impute.json", "imputations.npy", "anomaly.json",
            "anomaly_scores.npz", "represent.json", "samples*.npy", "reconstructions.npy", "interpolations.npy",
-           "traversals.npy", ".*.tmp")
+           "traversals.npy", "latents.pt", "decoded.npy", "priors", ".*.tmp")
 
 
 def holds_run(run_dir: str | Path) -> bool:
