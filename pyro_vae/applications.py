@@ -38,6 +38,7 @@ from pyro_vae.errors import ConfigError, DataError, ProgramError
 from pyro_vae.evaluation import evaluate, posterior_means
 from pyro_vae.files import save_npy, save_npz, write_json
 from pyro_vae.programs import context_keys
+from pyro_vae.sites import is_sample
 
 # ----------------------------------------------------------------------------------------------
 # traces of the two programs: what every application reads
@@ -55,7 +56,7 @@ def trace_program(program, x: torch.Tensor, values: dict | None = None, uncondit
 
 
 def _sample_sites(trace):
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    return [s for s in trace.nodes.values() if is_sample(s)]
 
 
 def latent_sites(trace, exclude=()) -> list[dict]:

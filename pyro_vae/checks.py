@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from pyro_vae import sites
 from pyro_vae.errors import DataError
 
 
@@ -60,9 +61,8 @@ def observed_sites(model, x: torch.Tensor, rows: int = 2, guide=None, **context)
         if guide is not None:
             model = poutine.replay(model, trace=poutine.trace(guide).get_trace(x[:rows], **rows_ctx))
         trace = poutine.trace(model).get_trace(x[:rows], **rows_ctx)  # leaves the RNG streams as they were
-    return {name: site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and site["is_observed"]
-            and not site["infer"].get("_do_not_score") and site["value"].numel() > 0}
+    return {site["name"]: site for site in sites.observed_sites(trace)
+            if not site["infer"].get("_do_not_score") and site["value"].numel() > 0}
 
 
 def data_site(model, x: torch.Tensor, rows: int = 2, guide=None, **context) -> tuple[str, dict] | None:

@@ -50,6 +50,7 @@ from pyro_vae.objectives.base import (
 )
 from pyro_vae.objectives.kl import site_kl, site_kls
 from pyro_vae.programs import context_keys
+from pyro_vae.sites import is_latent, observed_sites
 
 LN2 = math.log(2.0)
 PARTICLE_BLOCK = 128  # particles per seeded noise block; particle chunks are multiples of it
@@ -304,13 +305,12 @@ class _Chunk:
 
             def _shape_kb(lp, k, b):  # sum every plate but the particles' and the data's
                 return _reduce(lp, -(plates + 1), data_dim, (k, b))
-        self.log_lik = sum(_shape_kb(site_log_prob(s), k, b) for s in model_trace.nodes.values()
-                           if s["type"] == "sample" and s["is_observed"])
+        self.log_lik = sum(_shape_kb(site_log_prob(s), k, b) for s in observed_sites(model_trace))
         self.log_w = self.log_lik
         self.sites = {}
         kls = site_kls(model_trace, guide_trace, per_dimension=True) if closed_form else {}
         for name, g in guide_trace.nodes.items():
-            if g["type"] != "sample" or g["is_observed"] or site_is_subsample(g):
+            if not is_latent(g):
                 continue
             m, v = model_trace.nodes[name], g["value"]
             qf, pf = _factorized(g["fn"]), _factorized(m["fn"])
@@ -609,7 +609,7 @@ def posterior_means(guide, x, num_samples: int = 64, seed: int = 0, chunk: int =
             with BlockNoise(seed, range(i, i + len(xb)), repeats=num_samples):
                 tr = poutine.trace(guide).get_trace(*args, **kwargs)
         for name, s in tr.nodes.items():
-            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s):
+            if is_latent(s):
                 try:
                     m = s["fn"].mean.expand(s["value"].shape)
                 except NotImplementedError:  # no closed form (a flow): average the draws

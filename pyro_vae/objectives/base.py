@@ -19,6 +19,7 @@ from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
 from pyro_vae.errors import ConfigError, ProgramError, SiteMismatchError
+from pyro_vae.sites import is_latent, is_observed, is_sample, latent_sites
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's own ELBOs use
 
@@ -52,11 +53,7 @@ def latent_site_names(fn, *args, **kwargs) -> list[str]:
         return list(declared)
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(fn).get_trace(*args, **kwargs)
-    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
-
-
-def _is_latent(site) -> bool:
-    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    return [s["name"] for s in latent_sites(trace)]
 
 
 def _plates(site) -> dict:
@@ -90,8 +87,8 @@ def check_pair(model, guide, *args, **kwargs) -> None:
     with torch.no_grad(), poutine.block():  # each on its own: a guide of the wrong shape may crash the model
         model_trace = poutine.trace(model).get_trace(*args, **kwargs)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_sites = {n: s for n, s in model_trace.nodes.items() if _is_latent(s)}
-    guide_sites = {n: s for n, s in guide_trace.nodes.items() if _is_latent(s)}
+    model_sites = {n: s for n, s in model_trace.nodes.items() if is_latent(s)}
+    guide_sites = {n: s for n, s in guide_trace.nodes.items() if is_latent(s)}
     enumerated = {n for n, s in model_sites.items() if s["infer"].get("enumerate") == "parallel"}
     auxiliary = {n for n, s in guide_sites.items() if s["infer"].get("is_auxiliary")}
     _check_site_names(model, guide, set(model_sites), set(guide_sites) - auxiliary,
@@ -101,7 +98,7 @@ def check_pair(model, guide, *args, **kwargs) -> None:
     for trace, who in ((model_trace, "model"), (guide_trace, "guide")):
         trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
         for name, site in trace.nodes.items():
-            if site["type"] == "sample" and not site_is_subsample(site):
+            if is_sample(site):
                 try:
                     check_site_shape(site, max_plate_nesting=float("inf"))
                 except ValueError as e:
@@ -241,7 +238,7 @@ def validate_traces(model_trace, guide_trace, max_plate_nesting) -> None:
     for trace in (model_trace, guide_trace):
         trace.compute_log_prob()  # the distributions' own value checks, and the shapes checked next
         for site in trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
+            if is_sample(site):
                 check_site_shape(site, max_plate_nesting)
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and getattr(site["fn"], "has_rsample", None) is None:
@@ -320,12 +317,12 @@ def find_data_plate(model_trace):
     several are, the subsampled one, else the one named ``data``, else the one that also holds
     latent sites. None when no plate holds every observed site."""
     observed = [s for s in model_trace.nodes.values()
-                if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)]
+                if is_observed(s)]
     if not observed:
         return None
     common = set.intersection(*(set(_plates(s)) for s in observed))
     candidates = [_plates(observed[0])[n] for n in sorted(common)]
-    latent_plates = set().union(*(set(_plates(s)) for s in model_trace.nodes.values() if _is_latent(s)))
+    latent_plates = set().union(*(set(_plates(s)) for s in model_trace.nodes.values() if is_latent(s)))
     for keep in (lambda f: f.full_size is not None and f.full_size != f.size,
                  lambda f: f.name == "data",
                  lambda f: f.name in latent_plates):
@@ -341,7 +338,7 @@ def find_data_plate(model_trace):
 def _observed_scale(model_trace):
     """The scale common to every observed site (a subsampling factor N/B, ``poutine.scale``)."""
     scales = [s["scale"] for s in model_trace.nodes.values()
-              if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)]
+              if is_observed(s)]
     scale = scales[0]
     for other in scales[1:]:
         if other is not scale and not (isinstance(other, (int, float)) and other == scale):
@@ -388,13 +385,13 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
     if particle is None and repeats is None:
         raise ValueError("importance weights need traces with vectorized particles (base.pair_traces)")
     for name, site in model_trace.nodes.items():
-        if _is_latent(site) and name not in guide_trace.nodes:
+        if is_latent(site) and name not in guide_trace.nodes:
             raise SiteMismatchError(
                 f"model site {name!r} is not sampled by the guide; the importance-weighted estimators draw "
                 f"every latent from the guide: sample {name!r} in the guide, or use 'enum' for a site "
                 f"the model enumerates")
     data = find_data_plate(model_trace)
-    latents = [s for t in (model_trace, guide_trace) for s in t.nodes.values() if _is_latent(s)]
+    latents = [s for t in (model_trace, guide_trace) for s in t.nodes.values() if is_latent(s)]
     per_point = data is not None and all(data.name in _plates(s) for s in latents)
     scale = _observed_scale(model_trace) if per_point else 1.0
     if particle is None:  # REPEATED layout: rows j * B + i; a singleton particle dim left of every plate
@@ -404,7 +401,7 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
                              "Make the program broadcast (e.g. expand labels to z's batch shape), or use K=1")
         particle = _Frame(dim=-1 - max((len(site["fn"].batch_shape) for t in (model_trace, guide_trace)
                                         for site in t.nodes.values()
-                                        if site["type"] == "sample" and not site_is_subsample(site)), default=0),
+                                        if is_sample(site)), default=0),
                           size=1)
     shape = (particle.size, data.size if per_point else 1)
     data_dim = data.dim if per_point else None
@@ -415,8 +412,8 @@ def importance_log_weights(model_trace, guide_trace, detach_guide_params: bool =
         parts = [p for p in parts if p is not None]
         return sum(parts[1:], parts[0]) if parts else torch.zeros(shape)
 
-    model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
-    guide_sites = [s for s in guide_trace.nodes.values() if _is_latent(s)]
+    model_sites = [s for s in model_trace.nodes.values() if is_sample(s)]
+    guide_sites = [s for s in guide_trace.nodes.values() if is_latent(s)]
     log_p, log_q = total(model_trace, model_sites, False), total(guide_trace, guide_sites, detach_guide_params)
     if repeats is not None:
         log_p, log_q = log_p.reshape(repeats, -1), log_q.reshape(repeats, -1)

@@ -33,7 +33,6 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.errors import ConfigError, NotReparameterizedError
 from pyro_vae.objectives.base import (
@@ -48,6 +47,7 @@ from pyro_vae.objectives.base import (
     validate_traces,
     vectorize,
 )
+from pyro_vae.sites import latent_sites
 
 
 def check_positive_int(name: str, value) -> int:
@@ -57,8 +57,7 @@ def check_positive_int(name: str, value) -> int:
 
 
 def _latent_sites(trace):
-    return [(n, s) for n, s in trace.nodes.items()
-            if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
+    return [(s["name"], s) for s in latent_sites(trace)]
 
 
 def _replay(model, guide_trace, args, kwargs, num_particles, plates, value_fn, layout=VECTORIZED):

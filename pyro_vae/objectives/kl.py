@@ -28,15 +28,12 @@ import torch
 from pyro.distributions import Independent, MaskedDistribution
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import broadcast_shape, scale_and_mask
-from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
+
+from pyro_vae.sites import is_latent
 
 CLOSED_FORM = "closed form"
 MONTE_CARLO = "monte carlo"
-
-
-def is_latent(site) -> bool:
-    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
 def latent_names(trace) -> list[str]:

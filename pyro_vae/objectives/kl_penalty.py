@@ -26,6 +26,7 @@ from pyro.infer import Trace_ELBO
 from pyro_vae.errors import KLNotAvailableError
 from pyro_vae.objectives.base import Objective, _to_particle_data_shape, site_log_prob, traces
 from pyro_vae.objectives.kl import _unexpand, factors, is_latent, site_kls
+from pyro_vae.sites import observed_sites
 
 
 def kl_terms(model_trace, guide_trace, per_dimension: bool = True) -> torch.Tensor:
@@ -103,7 +104,7 @@ class KLPenaltyObjective(Objective):
         if torch.is_grad_enabled():
             check_reparameterized(guide_trace)
         log_lik = sum(_to_particle_data_shape(site_log_prob(s), k, x.shape[0])
-                      for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
+                      for s in observed_sites(model_trace))
         kl = kl_terms(model_trace, guide_trace, per_dimension=free_bits > 0)
         kl = kl.reshape(-1, kl.shape[-1]).mean(0)  # E over particles and the batch, per column
         if capacity is not None:
