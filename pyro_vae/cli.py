@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
 ENVIRONMENT_ERRNOS = {"ENOSPC": "free some space, or write elsewhere", "EDQUOT": "free some space, or write elsewhere",
                       "EROFS": "give a writable folder", "EACCES": "give a folder you may write (or fix its permissions)",
                       "EPERM": "give a folder you may write (or fix its permissions)",
-                      "ENOENT": "check the path", "ENOTDIR": "check the path", "EISDIR": "give a file, not a folder"}
+                      "ENOENT": "check the path", "ENOTDIR": "check the path", "EISDIR": "give a file, not a folder",
+                      "EEXIST": "a file stands where a folder is needed: check the path"}
 
 
 def _environment_error(e: OSError) -> str | None:

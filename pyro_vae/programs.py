@@ -191,6 +191,9 @@ def _resolve(spec: str, registry):
     module, _, attr = spec.partition(":")
     head, dot, member = attr.partition(".")
     target = import_object(f"{module}:{head}", registry.kind)
+    if inspect.isbuiltin(target) or not callable(target):  # os:system, a constant: no Pyro program
+        raise ProgramError(f"{registry.kind} {spec!r} is a {type(target).__name__}, not a Pyro program: name a "
+                           f"class (an nn.Module or a class with model/guide methods) or a Python function")
     if dot:
         if not hasattr(target, member.split(".")[0]):
             raise UnknownNameError(f"{head} in module {module!r} has no {member!r} (for {registry.kind} {spec!r})")

@@ -237,6 +237,18 @@ def test_a_malicious_checkpoint_never_runs(run, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_a_builtin_function_named_as_a_model_is_refused_even_when_trusted(run, capsys):
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": "os:system"}))
+    one_line_error(capsys, run_cli("eval", run, "--k", "2", "--trust-code"), "'os:system' is a", "not a Pyro program")
+
+
+def test_a_file_in_the_way_of_an_output_folder(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    one_line_error(capsys, run_cli("sample", run, "--out", tmp_path / "afile" / "x.png"), "File exists", "afile")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_likelihood_by_import_path_needs_trust(run):
     config = json.loads((run / "config.json").read_text())
     config["likelihood"] = "evil_module:Likelihood"
