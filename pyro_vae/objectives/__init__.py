@@ -103,6 +103,8 @@ def make_estimator(spec: str, particles: int | None = None, **defaults):
     """Build an estimator from ``spec``; options in the spec win over ``particles``/defaults."""
     name, opts = parse_spec(spec)
     factory = ESTIMATORS.get(name)
+    if particles is not None and not (isinstance(particles, int) and particles >= 1):
+        raise ConfigError(f"particles = {particles!r}: the particles K per data point must be an integer >= 1")
     if particles is not None:
         opts.setdefault("K", particles)
     for k, v in defaults.items():
