@@ -13,7 +13,7 @@ is replaced, position by position, by its nearest code z_q = e_{k*}, k* = argmin
   with Laplace smoothing N~_k = (N_k + eps) / (N + K eps) N, N = sum_k N_k (as Sonnet). The
   alternative (``update="loss"``) learns e_k by the codebook loss ||sg(z_e) - z_q||^2.
 - **k-means init** (as vector-quantize-pytorch's ``kmeans_init``): Lloyd's algorithm on the
-  encoder outputs of the first training batch, the codes starting at K of them drawn at random.
+  encoder outputs of the first training batch, started by k-means++ seeding.
 - **Dead-code restarts** (Dhariwal et al. 2020, Jukebox; Zeghidour et al. 2021): after each EMA
   update every code with N_k below ``restart_threshold`` is re-seeded at an encoder output of
   the batch drawn at random, with N_k = 2 * threshold (so it has about 70 steps to be used).
@@ -71,10 +71,20 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centres (k, D), cluster sizes (k,)) of Lloyd's algorithm on the rows of x, started at k rows
-    drawn at random (with replacement where x has fewer than k); an empty cluster keeps its centre."""
-    start = torch.randint(len(x), (k,), generator=generator) if len(x) < k else torch.randperm(len(x), generator=generator)[:k]
-    centres = x[start.to(x.device)].clone()
+    """(centres (k, D), cluster sizes (k,)) of Lloyd's algorithm on the rows of x, started by
+    k-means++ seeding (Arthur & Vassilvitskii 2007: each next centre a row drawn with probability
+    proportional to its squared distance from the nearest centre so far); an empty cluster keeps
+    its centre. Draws come from ``generator`` (on the CPU)."""
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    centres = [x[first]]
+    d2 = (x - x[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        weights = d2.double().cpu()
+        pick = (int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0
+                else int(torch.randint(len(x), (1,), generator=generator)))
+        centres.append(x[pick])
+        d2 = torch.minimum(d2, (x - x[pick]).pow(2).sum(1))
+    centres = torch.stack(centres).clone()
     for _ in range(iterations):
         assign = torch.cdist(x, centres).argmin(1)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
@@ -304,7 +314,8 @@ class CodePointMass(TorchDistribution):
         return torch.where(same, 0.0, -math.inf).to(torch.get_default_dtype())
 
     def expand(self, batch_shape, _instance=None):
-        codes = self.codes.expand(torch.Size(batch_shape) + self.event_shape)
+        shape = torch.Size(batch_shape) + self.event_shape
+        codes = self.codes if self.codes.shape == shape else self.codes.expand(shape)  # keeps what rides on it
         return CodePointMass(codes, self.num_codes, len(self.event_shape))
 
     @property

@@ -1,0 +1,139 @@
+"""The VQ-VAE (issue 17): gradients, codebook updates, restarts, k-means init, estimators, PixelCNN masks, DDP."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyro_vae.errors import ConfigError
+from pyro_vae.guides.vqvae import VQGuide
+from pyro_vae.models.vqvae import VQVAE
+from pyro_vae.objectives import Objective, make_estimator
+from pyro_vae.vq import Codebook, kmeans, rotation_trick
+
+
+def pair(**options):
+    torch.manual_seed(0)
+    model = VQVAE(x_dim=784, image_shape=(1, 28, 28), num_codes=16, code_dim=8, **options)
+    return model, VQGuide(model, x_dim=784)
+
+
+def images(n=8, seed=0):
+    return torch.bernoulli(torch.rand(n, 784, generator=torch.Generator().manual_seed(seed)) * 0.3)
+
+
+@pytest.mark.parametrize("gradient", ["straight-through", "rotation"])
+def test_gradient_reaches_the_encoder(gradient):
+    model, guide = pair()
+    guide.gradient = gradient
+    guide.commitment = 0.0  # only the reconstruction's path: through the quantizer
+    loss = Objective(model, guide, make_estimator("elbo"))(images())
+    loss.backward()
+    grad = guide.encoder.conv[0].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 1e-6
+
+
+def test_straight_through_and_rotation_values_and_gradients():
+    z_e = torch.randn(5, 3, requires_grad=True)
+    z_q = torch.randn(5, 3)
+    st = z_e + (z_q - z_e).detach()
+    rot = rotation_trick(z_e, z_q)
+    assert torch.allclose(st, z_q, atol=1e-6) and torch.allclose(rot, z_q, atol=1e-5)
+    g = torch.randn(5, 3)
+    (gz,) = torch.autograd.grad((st * g).sum(), z_e)
+    assert torch.allclose(gz, g)  # the identity
+    (gr,) = torch.autograd.grad((rot * g).sum(), z_e)
+    # the rotation's gradient is (lambda R)^T g: the same norm ratio |z_q|/|z_e| on every row
+    ratio = z_q.norm(dim=1) / z_e.detach().norm(dim=1)
+    assert torch.allclose(gr.norm(dim=1), ratio * g.norm(dim=1), rtol=1e-4)
+
+
+def test_one_ema_update_equals_a_hand_computation():
+    book = Codebook(num_codes=3, code_dim=2, decay=0.9, eps=1e-5, restart_threshold=0.0, kmeans_init=False)
+    book.embed.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+    book.ema_count.copy_(torch.tensor([2.0, 1.0, 3.0]))
+    book.ema_sum.copy_(book.embed * book.ema_count[:, None])
+    z = torch.tensor([[0.1, -0.1], [0.9, 1.2], [1.1, 0.8], [0.2, 0.0]])
+    book._step(z)  # codes 0, 1, 1, 0; code 2 unused
+    n = torch.tensor([2.0, 2.0, 0.0])
+    s = torch.tensor([[0.3, -0.1], [2.0, 2.0], [0.0, 0.0]])
+    count = 0.9 * torch.tensor([2.0, 1.0, 3.0]) + 0.1 * n
+    total = count.sum()
+    summed = 0.9 * torch.tensor([[0.0, 0.0], [1.0, 1.0], [15.0, 15.0]]) + 0.1 * s
+    smoothed = (count + 1e-5) / (total + 3e-5) * total
+    assert torch.allclose(book.ema_count, count)
+    assert torch.allclose(book.embed, summed / smoothed[:, None], atol=1e-6)
+    assert book.epoch_counts.tolist() == [2.0, 2.0, 0.0]
+
+
+def test_dead_codes_are_reseeded_from_the_batch():
+    book = Codebook(num_codes=4, code_dim=2, decay=0.99, restart_threshold=1.0, kmeans_init=False)
+    book.embed.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]))
+    book.ema_count.copy_(torch.tensor([50.0, 1.005, 0.5, 50.0]))  # code 1 falls below 1 when unused, 2 already is
+    book.ema_sum.copy_(book.embed * book.ema_count[:, None])
+    z = torch.randn(64, 2) * 0.1  # all near code 0
+    book._step(z)
+    assert int(book.epoch_restarts) == 2
+    for k in (1, 2):
+        assert (book.embed[k] - z).norm(dim=1).min() < 1e-6  # placed on an encoder output of the batch
+        assert book.ema_count[k] == 2.0
+    assert torch.allclose(book.embed[3], torch.tensor([30.0, 30.0]), atol=1e-3)  # alive codes are kept (smoothing aside)
+    assert book.epoch_stats()["codebook_restarts"] == 2
+
+
+def test_kmeans_init_places_codes_on_the_data():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [0.0, -4.0]])
+    z = (centres[:, None] + 0.05 * torch.randn(4, 250, 2, generator=g)).reshape(-1, 2)
+    book = Codebook(num_codes=4, code_dim=2, restart_threshold=0.0, kmeans_init=True)
+    book._step(z)
+    found = book.embed[torch.cdist(centres, book.embed).argmin(1)]
+    assert torch.allclose(found, centres, atol=0.02)
+    assert sorted(torch.cdist(centres, book.embed).argmin(1).tolist()) == [0, 1, 2, 3]
+    _, counts = kmeans(z, 4, 10, torch.Generator().manual_seed(0))
+    assert counts.tolist() == [250.0] * 4
+
+
+def test_bound_estimators_and_metrics():
+    model, guide = pair()
+    x = images(16)
+    rate = 49 * math.log(16)
+    assert model.rate == pytest.approx(rate)
+    for name in ("elbo", "meanfield"):
+        objective = Objective(model, guide, make_estimator(name)).eval()
+        with torch.no_grad():
+            loss = float(objective(x))
+            codes = guide.encode_codes(x)
+            recon = float(-model.decode_codes(codes).log_prob(x).mean())
+        assert loss == pytest.approx(recon + rate, rel=1e-5)  # -ELBO = -log p(x|z_q) + HW log K
+    for name in ("iwae", "dreg", "stl"):
+        with pytest.raises(ConfigError, match="elbo or meanfield"):
+            Objective(model, guide, make_estimator(name, particles=4))
+    # training mode: the commitment loss joins the loss, and the codebook counts the step
+    objective = Objective(model, guide, make_estimator("meanfield")).train()
+    objective(x).backward()
+    stats = model.epoch_metrics({"test_loss": recon + rate})
+    assert bool(model.codebook.initialized) and 0 < stats["codebook_usage"] <= 1
+    assert 1 <= stats["perplexity"] <= 16 and stats["commitment_loss"] > 0
+    assert stats["reconstruction_loss"] == pytest.approx(recon)
+    assert model.codebook.epoch_counts.sum() == 0  # reset for the next epoch
+
+
+def test_forward_only_traces_leave_the_codebook_alone():
+    model, guide = pair()
+    before = model.codebook.embed.clone()
+    with torch.no_grad():
+        Objective(model, guide, make_estimator("elbo")).train()(images())
+    loss = Objective(model, guide, make_estimator("elbo")).train()(images())  # no backward
+    del loss
+    assert torch.equal(model.codebook.embed, before) and int(model.codebook.steps) == 0
+
+
+def test_guide_needs_the_vq_model():
+    from pyro_vae.models import VAE
+
+    with pytest.raises(ConfigError, match="--model vqvae"):
+        VQGuide(VAE(), x_dim=784)
