@@ -423,3 +423,6 @@ def sample_latents(prior: nn.Module, record: dict, n: int, seed: int = 0, **opti
     device = next(iter(prior.buffers())).device
     g = torch.Generator(device=device).manual_seed(seed)
     return prior.sample(n, generator=g, **options) / record["latents"]["scaling_factor"]
+
+
+from pyro_vae import pixelcnn  # noqa: E402,F401 - registers "pixelcnn", the VQ-VAE's code prior
