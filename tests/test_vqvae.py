@@ -178,3 +178,47 @@ def test_pixelcnn_prior_fits_and_samples():
     assert info["train_nll"] < 0.3 * 16 * math.log(4)  # far below the uniform prior's 16 log 4 nats (log 2 is the floor)
     draws = prior.sample(8, torch.Generator().manual_seed(1))
     assert draws.shape == (8, 4, 4) and ((draws[:, 1:] + draws[:, :-1]) == 1).float().mean() > 0.9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _codebook_steps(batches) -> dict:
+    book = Codebook(num_codes=8, code_dim=3, decay=0.7, restart_threshold=0.5, kmeans_init=True)
+    for z in batches:
+        book._step(z)
+    return {k: v.clone() for k, v in book.state_dict().items()}
+
+
+def _global_batches():
+    g = torch.Generator().manual_seed(3)
+    # the first batch fills every code; later ones leave codes 3 clusters to die and be re-seeded
+    first = torch.randn(40, 3, generator=g) * 3
+    later = [torch.randn(40, 3, generator=g) * 0.2 + torch.tensor([2.0, 0.0, 0.0]) for _ in range(12)]
+    return [first, *later]
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        state = _codebook_steps([z.tensor_split(2)[rank] for z in _global_batches()])
+        torch.save(state, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_hold_the_codebook_of_one(tmp_path):
+    one = _codebook_steps(_global_batches())
+    assert int(one["epoch_restarts"]) > 0  # the test exercises restarts, not only EMA updates
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path / "book")), nprocs=2, join=True)
+    for rank in (0, 1):
+        two = torch.load(f"{tmp_path / 'book'}.{rank}", weights_only=True)
+        for key, value in one.items():
+            assert torch.allclose(two[key].double(), value.double(), atol=1e-5), (rank, key)
