@@ -222,3 +222,44 @@ def test_two_gloo_processes_hold_the_codebook_of_one(tmp_path):
         two = torch.load(f"{tmp_path / 'book'}.{rank}", weights_only=True)
         for key, value in one.items():
             assert torch.allclose(two[key].double(), value.double(), atol=1e-5), (rank, key)
+
+
+def test_a_vq_run_trains_encodes_fits_a_pixelcnn_and_evaluates(tmp_path):
+    import json
+
+    import numpy as np
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.evaluation import evaluate_run
+    from pyro_vae.latents import encode_run
+    from pyro_vae.second_stage import PriorError, fit_prior_run, open_prior, sample_latents
+    from pyro_vae.training import train
+
+    g = np.random.default_rng(0)
+    x = (g.random((240, 784)) < np.linspace(0.05, 0.6, 784)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = tmp_path / "run"
+    config = TrainConfig.from_dict(dict(model="vqvae", guide="vqvae", dataset=str(tmp_path / "x.npy"),
+                                        image_shape=[1, 28, 28], epochs=2, batch_size=50, estimator="elbo",
+                                        model_options={"num_codes": 16, "code_dim": 4}))
+    train(config, run, quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 0 < row["codebook_usage"] <= 1 and 1 <= row["perplexity"] <= 16
+        assert row["reconstruction_loss"] == pytest.approx(row["test_loss"] - 49 * math.log(16))
+    with pytest.raises(ConfigError, match="elbo or meanfield"):
+        train(TrainConfig.from_dict({**config.to_dict(), "estimator": "iwae"}), tmp_path / "iw", quiet=True)
+    encoded = encode_run(run, device="cpu")
+    assert encoded["kind"] == "codes" and encoded["train"]["codes"].shape == (216, 7, 7)
+    assert encoded["train"]["codes"].max() < 16
+    with pytest.raises(PriorError, match="--kind pixelcnn"):
+        fit_prior_run(run, "gmm", device="cpu")
+    fit_prior_run(run, "pixelcnn", {"train_steps": 30, "hidden": 16, "blocks": 1}, device="cpu")
+    prior, record = open_prior(run, "pixelcnn")
+    codes = sample_latents(prior, record, 4)
+    assert codes.dtype == torch.long and codes.shape == (4, 7, 7)
+    r = evaluate_run(run, device="cpu")
+    assert r["test_nll_bound_uniform"] == pytest.approx(r["test_reconstruction_nll"] + 49 * math.log(16))
+    assert r["test_nll_bound_pixelcnn"] == pytest.approx(r["test_reconstruction_nll"] + r["rate_pixelcnn"])
+    assert r["rate_pixelcnn"] < 49 * math.log(16)  # 30 steps already beat the uniform prior
+    assert r["test_bits_per_dim_bound_uniform"] == pytest.approx(r["test_nll_bound_uniform"] / (784 * math.log(2)))
