@@ -295,6 +295,7 @@ class CodePointMass(TorchDistribution):
     the value itself and no score-function term arises."""
 
     has_rsample = True
+    has_enumerate_support = True  # discrete: the toolkit's interpolation and traversals refuse it by name
     arg_constraints: dict = {}
 
     def __init__(self, codes: torch.Tensor, num_codes: int, event_dim: int = 2, validate_args=None):
@@ -318,8 +319,16 @@ class CodePointMass(TorchDistribution):
         codes = self.codes if self.codes.shape == shape else self.codes.expand(shape)  # keeps what rides on it
         return CodePointMass(codes, self.num_codes, len(self.event_shape))
 
+    def enumerate_support(self, expand: bool = True):
+        """The one value of positive probability."""
+        return self.codes[None]
+
     @property
     def mean(self):
+        return self.codes
+
+    @property
+    def mode(self):
         return self.codes
 
 
