@@ -307,7 +307,7 @@ class CodePointMass(TorchDistribution):
     def support(self):
         return constraints.independent(constraints.integer_interval(0, self.num_codes - 1), len(self.event_shape))
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=()):
         return self.codes.expand(torch.Size(sample_shape) + self.codes.shape) if sample_shape else self.codes
 
     def log_prob(self, value):
