@@ -263,3 +263,38 @@ def test_a_vq_run_trains_encodes_fits_a_pixelcnn_and_evaluates(tmp_path):
     assert r["test_nll_bound_pixelcnn"] == pytest.approx(r["test_reconstruction_nll"] + r["rate_pixelcnn"])
     assert r["rate_pixelcnn"] < 49 * math.log(16)  # 30 steps already beat the uniform prior
     assert r["test_bits_per_dim_bound_uniform"] == pytest.approx(r["test_nll_bound_uniform"] / (784 * math.log(2)))
+
+
+def test_codebook_loss_mode_trains_the_codes_by_gradient():
+    model, guide = pair(update="loss")
+    assert model.codebook.embed.requires_grad
+    objective = Objective(model, guide, make_estimator("elbo")).train()
+    objective(images()).backward()
+    grad = model.codebook.embed.grad
+    assert grad is not None and grad.abs().sum() > 0  # ||sg(z_e) - z_q||^2 reaches the chosen codes
+    used = torch.unique(guide.encode_codes(images()))
+    unused = torch.ones(16, dtype=torch.bool)
+    unused[used] = False
+    assert grad[unused].abs().sum() == 0
+
+
+def test_resume_continues_a_vq_run_bitwise(tmp_path):
+    import numpy as np
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.run import load_checkpoint
+    from pyro_vae.training import train
+
+    g = np.random.default_rng(1)
+    np.save(tmp_path / "x.npy", (g.random((150, 784)) < 0.3).astype(np.float32))
+    base = dict(model="vqvae", guide="vqvae", dataset=str(tmp_path / "x.npy"), image_shape=[1, 28, 28],
+                batch_size=50, estimator="elbo", model_options={"num_codes": 16, "code_dim": 4, "decay": 0.5})
+    train(TrainConfig.from_dict({**base, "epochs": 3}), tmp_path / "whole", quiet=True)
+    train(TrainConfig.from_dict({**base, "epochs": 2}), tmp_path / "parts", quiet=True)
+    train(TrainConfig.from_dict({**base, "epochs": 3}), tmp_path / "parts", resume=True, quiet=True)
+    whole, parts = load_checkpoint(tmp_path / "whole", "cpu"), load_checkpoint(tmp_path / "parts", "cpu")
+    assert int(whole["model"]["codebook.steps"]) == 3 * 3
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    for key, value in whole["guide"].items():
+        assert torch.equal(value, parts["guide"][key]), key
