@@ -72,7 +72,7 @@ def cmd_decode(args) -> int:
         if args.split not in given:
             raise ConfigError(f"{args.latents} has no {args.split!r} split; it has "
                              f"{', '.join(k for k in ('train', 'test', 'data') if k in given)}")
-        z = given[args.split]["mean"]
+        z = given[args.split]["codes" if given.get("kind") == "codes" else "mean"]
     else:
         z = given
     layout = latent_layout(model, guide, data.test)
