@@ -28,6 +28,11 @@ def cmd_encode(args) -> int:
 
     latents = encode_run(args.run, args.data, args.seed, args.device, args.best, args.trust_code)
     path = save_latents(latents, args.out or Path(args.run) / "latents.pt")
+    if latents["kind"] == "codes":  # a VQ-VAE
+        rows = ", ".join(f"{name} {len(latents[name]['codes'])}" for name in ("train", "test", "data") if name in latents)
+        print(f"code indices of {rows} rows, grids of shape {tuple(latents['shape'])} over {latents['num_codes']} codes")
+        print(f"written: {path} (torch.load(path, weights_only=True))")
+        return 0
     rows = ", ".join(f"{name} {len(latents[name]['mean'])}" for name in ("train", "test", "data") if name in latents)
     scales = "closed-form" if latents["exact"] else "from draws (the guide is not a diagonal Gaussian)"
     print(f"q(z|x) means and scales of {rows} rows, latents of shape {tuple(latents['shape'])} "
@@ -67,7 +72,7 @@ def cmd_decode(args) -> int:
         if args.split not in given:
             raise ConfigError(f"{args.latents} has no {args.split!r} split; it has "
                              f"{', '.join(k for k in ('train', 'test', 'data') if k in given)}")
-        z = given[args.split]["mean"]
+        z = given[args.split]["codes" if given.get("kind") == "codes" else "mean"]
     else:
         z = given
     layout = latent_layout(model, guide, data.test)
@@ -95,16 +100,16 @@ def _takes_context(model, guide) -> bool:
 PRIOR_OPTIONS = {
     # flag: (kinds, type, help)
     "components": (("gmm",), int, "mixture components (default 10)"),
-    "train_steps": (("diffusion",), int, "training steps, batches of fresh draws z ~ q(z|x) (default 10000)"),
-    "batch_size": (("diffusion",), int, "latents per training step (default 512)"),
-    "hidden": (("diffusion",), int, "width of the MLP (vector latents) or channels of the U-Net (grids) (default 256)"),
-    "blocks": (("diffusion",), int, "residual blocks of the MLP (default 3)"),
-    "lr": (("diffusion",), float, "AdamW learning rate, cosine-decayed to 0 (default 1e-3)"),
+    "train_steps": (("diffusion", "pixelcnn"), int, "training steps, batches of fresh draws z ~ q(z|x) (default 10000)"),
+    "batch_size": (("diffusion", "pixelcnn"), int, "latents per training step (default 512)"),
+    "hidden": (("diffusion", "pixelcnn"), int, "width of the MLP (vector latents) or channels of the U-Net (grids) (default 256)"),
+    "blocks": (("diffusion", "pixelcnn"), int, "residual blocks of the MLP (default 3)"),
+    "lr": (("diffusion", "pixelcnn"), float, "AdamW learning rate, cosine-decayed to 0 (default 1e-3)"),
 }
 
 
 def cmd_prior(args) -> int:
-    from pyro_vae.second_stage import fit_prior_run
+    from pyro_vae.second_stage import LATENT_PRIORS, fit_prior_run
 
     options = {k: getattr(args, k) for k, (kinds, _, _) in PRIOR_OPTIONS.items() if getattr(args, k) is not None}
     for key in options:
@@ -115,8 +120,9 @@ def cmd_prior(args) -> int:
                       progress=not args.quiet)
     details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                         if k not in ("path", "seconds", "scaling_factor"))
-    print(f"{args.kind} prior fitted to {r['latents']} scaled training latents (scaling_factor "
-          f"{r['scaling_factor']:.5f}) in {time.perf_counter() - t0:.0f} s: {details}")
+    what = ("training code grids" if getattr(LATENT_PRIORS.get(args.kind), "takes_codes", False) else
+            f"scaled training latents (scaling_factor {r['scaling_factor']:.5f})")
+    print(f"{args.kind} prior fitted to {r['latents']} {what} in {time.perf_counter() - t0:.0f} s: {details}")
     print(f"written: {r['path']} (sample with `pyro-vae sample {args.run} --prior {args.kind}`)")
     return 0
 
@@ -166,7 +172,8 @@ def add_latent_commands(sub, run_parser) -> None:
     p = run_parser("prior", "fit a second-stage prior to the run's scaled training latents; writes RUN/priors/KIND.pt",
                    cmd_prior)
     p.add_argument("--kind", required=True,  # no choices: the registry is read when the command runs (fast --help)
-                   help="diffusion (DDPM, cosine schedule, epsilon prediction) or gmm (Gaussian mixture, EM)")
+                   help="diffusion (DDPM, cosine schedule, epsilon prediction) or gmm (Gaussian mixture, EM); "
+                        "pixelcnn for a VQ-VAE's codes (masked-convolution autoregressive prior)")
     for key, (kinds, typ, help_) in PRIOR_OPTIONS.items():
         check = checked(float, above=0) if typ is float else POSITIVE
         p.add_argument("--" + key.replace("_", "-"), type=check, help=f"{'/'.join(kinds)}: {help_}")
@@ -176,7 +183,7 @@ def add_latent_commands(sub, run_parser) -> None:
 def add_sample_prior_flags(s) -> None:
     """``sample``'s flags for a second stage."""
     s.add_argument("--prior", help="draw the latents from this second stage of the run (`pyro-vae prior RUN --kind "
-                                   "KIND` fits it): diffusion, gmm")
+                                   "KIND` fits it): diffusion, gmm, pixelcnn (VQ-VAE)")
     from pyro_vae.cli import POSITIVE, checked
 
     s.add_argument("--denoising-steps", type=POSITIVE, default=50, help="with --prior diffusion: sampling steps")

@@ -740,6 +740,8 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
     data = load_run_data(config, dev, test_size, run_dir=run_dir)
     x = data.test
     pyro.set_rng_seed(seed)
+    if callable(getattr(guide, "encode_codes", None)):  # a VQ-VAE: its bound, with the learned prior where fitted
+        return _evaluate_vq_run(run_dir, config, model, guide, x, dev, best)
     context = data.context(context_keys(model, guide), split="test")  # labels for conditional models
     result = evaluate(model, guide, x, k, max_batch_particles, progress, max_memory=max_memory,
                       seed=seed, return_points=True, **context)
@@ -782,5 +784,27 @@ def evaluate_run(run_dir: str | Path, k: int = 1000, device: str = "auto", seed:
             result["figure_kl_per_dim"] = str(save_kl_per_dim(result["kl_per_dim"], run_dir / FIGURES / "kl_per_dim.png"))
         if np.isfinite(points["pareto_k"]).any():
             result["figure_pareto_k"] = str(save_khat_histogram(points["pareto_k"], run_dir / FIGURES / "pareto_k.png"))
+    write_json(run_dir / "eval.json", result)
+    return result
+
+
+def _evaluate_vq_run(run_dir: Path, config, model, guide, x, device, best: bool) -> dict:
+    """``pyro_vae.vq.evaluate_vq`` on a VQ-VAE run's test set, with its ``pixelcnn`` prior where one
+    is fitted to this checkpoint's codes, bits/dim for discrete data; written to ``RUN/eval.json``."""
+    from pyro_vae.likelihoods import bits_per_dim
+    from pyro_vae.second_stage import open_prior, prior_path
+    from pyro_vae.vq import evaluate_vq
+
+    model.eval(), guide.eval()
+    prior = open_prior(run_dir, "pixelcnn", device, best)[0] if prior_path(run_dir, "pixelcnn").exists() else None
+    result = evaluate_vq(model, guide, x, prior)
+    for which in ("uniform", "pixelcnn"):
+        if f"test_nll_bound_{which}" in result:
+            bpd = bits_per_dim(model, x[:2], -result[f"test_nll_bound_{which}"], x.shape[1], guide)
+            result[f"test_bits_per_dim_bound_{which}"] = bpd["test_bits_per_dim"]
+    if prior is None:
+        result["prior_note"] = f"no pixelcnn prior: fit one with `pyro-vae prior {run_dir} --kind pixelcnn`"
+    result.update(run=str(run_dir), dataset=config.dataset, weights="best.pt" if best else "checkpoint.pt",
+                  test_points=len(x))
     write_json(run_dir / "eval.json", result)
     return result

@@ -272,7 +272,8 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
       (rows, *shape) of q(z|x), and ``labels`` where the data have them;
     - ``scaling_factor``, ``latent_mean``, ``latent_std``: ``aggregate_statistics`` of the
       training latents;
-    - ``kind`` ("gaussian"; a VQ-VAE's run will write "codes", its splits ``{"codes": indices}``),
+    - ``kind`` ("gaussian"; a VQ-VAE's run writes "codes", its splits ``{"codes": indices}``, and
+      ``num_codes``, without means, scales or statistics),
       ``sites`` ({site: shape}), ``shape``, ``exact`` (closed-form scales), ``run``, ``epoch``,
       ``best`` (the checkpoint the latents come from), ``context`` (what the programs take
       besides x: ``["y"]`` for a class-conditional model).
@@ -291,6 +292,8 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
         splits["data"] = (load_points(data, d.x_dim, model=model, standardization=d.standardization).to(device), None)
     out: dict = {"format": LATENTS_FORMAT, "version": 1, "kind": "gaussian", "run": str(run_dir),
                  "epoch": int(load_checkpoint(run_dir, "cpu", best)["epoch"]), "best": best}
+    if callable(getattr(guide, "encode_codes", None)):  # a VQ-VAE: code indices, not a Gaussian
+        return _encode_codes(out, guide, splits, model)
     for name, (x, labels) in splits.items():
         context = run_context(model, guide, d, which=name) if name != "data" else {}
         q = encode(model, guide, x, seed=seed, **context).latent_dist
@@ -301,6 +304,20 @@ def encode_run(run_dir, data=None, seed: int = 0, device: str = "auto", best: bo
     layout = latent_layout(model, guide, d.test, **run_context(model, guide, d))
     out.update(sites=layout.sites, shape=list(layout.shape), context=list(context_keys(model, guide)))
     out.update(aggregate_statistics(out["train"]["mean"], out["train"]["std"]))
+    return out
+
+
+def _encode_codes(out: dict, guide, splits: dict, model) -> dict:
+    """The latents file of a VQ-VAE run: ``kind`` "codes", each split ``{"codes": (rows, H, W) long}``
+    (and ``labels``), ``num_codes``; ``scaling_factor`` 1 (indices are not scaled)."""
+    for name, (x, labels) in splits.items():
+        codes = torch.cat([guide.encode_codes(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+        out[name] = {"codes": codes.cpu()}
+        if labels is not None:
+            out[name]["labels"] = labels.cpu()
+    shape = list(out["train"]["codes"].shape[1:])
+    out.update(kind="codes", num_codes=int(guide.codebook.num_codes), sites={"codes": shape}, shape=shape,
+               exact=True, context=[], scaling_factor=1.0)
     return out
 
 

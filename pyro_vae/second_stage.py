@@ -19,8 +19,8 @@ weights_only=True)`` reads):
 
 A kind is an ``nn.Module`` with ``options()`` (its constructor's JSON-able arguments),
 ``fit(latents)`` and ``sample(n, generator)``; its parameters and buffers are its state. A
-VQ-VAE's autoregressive code prior (PixelCNN) joins as a kind whose ``fit`` reads
-``Latents.codes``.
+VQ-VAE's autoregressive code prior, ``pixelcnn`` (``pyro_vae/pixelcnn.py``), is a kind whose ``fit``
+reads ``Latents.codes`` (``takes_codes``); kinds and latents that do not match are refused.
 """
 
 from __future__ import annotations
@@ -388,13 +388,23 @@ def fit_prior_run(run_dir, kind: str = "diffusion", options: dict | None = None,
                          f"unconditional: fit it to a run of an unconditional model")
     device = torch.device(resolve_device(device))
     scale = encoded["scaling_factor"]
-    latents = Latents(encoded["train"]["mean"].to(device) * scale, encoded["train"]["std"].to(device) * scale,
-                      labels=encoded["train"].get("labels"))
+    codes = encoded["kind"] == "codes"
+    if codes != bool(getattr(cls, "takes_codes", False)):
+        takes = [k for k in LATENT_PRIORS.names() if bool(getattr(LATENT_PRIORS.get(k), "takes_codes", False)) == codes]
+        raise PriorError(f"{run_dir}'s latents are {'code indices (a VQ-VAE)' if codes else 'Gaussian'}, and a {kind} "
+                         f"prior is fitted to {'Gaussian latents' if codes else 'code indices'}: use --kind "
+                         f"{' or '.join(takes)}")
+    if codes:
+        latents = Latents(codes=encoded["train"]["codes"].to(device), labels=encoded["train"].get("labels"))
+        options = {"num_codes": encoded["num_codes"], **(options or {})}
+    else:
+        latents = Latents(encoded["train"]["mean"].to(device) * scale, encoded["train"]["std"].to(device) * scale,
+                          labels=encoded["train"].get("labels"))
     prior = cls(encoded["shape"], seed=seed, **(options or {})).to(device)
     info = prior.fit(latents, progress=progress)
     record = {k: encoded[k] for k in ("scaling_factor", "shape", "sites", "epoch", "best", "kind")}
     path = save_prior(prior, prior_path(run_dir, kind), record, info)
-    return {**info, "path": str(path), "latents": len(latents.mean), "scaling_factor": scale}
+    return {**info, "path": str(path), "latents": len(latents.codes if codes else latents.mean), "scaling_factor": scale}
 
 
 def open_prior(run_dir, kind: str, device="cpu", best: bool = False) -> tuple[nn.Module, dict]:
@@ -422,4 +432,9 @@ def sample_latents(prior: nn.Module, record: dict, n: int, seed: int = 0, **opti
     """n unscaled latents from a second stage: its draws divided by the scaling factor."""
     device = next(iter(prior.buffers())).device
     g = torch.Generator(device=device).manual_seed(seed)
+    if record["latents"].get("kind") == "codes":  # code indices (a VQ-VAE's) are not scaled
+        return prior.sample(n, generator=g, **options)
     return prior.sample(n, generator=g, **options) / record["latents"]["scaling_factor"]
+
+
+from pyro_vae import pixelcnn  # noqa: E402,F401 - registers "pixelcnn", the VQ-VAE's code prior

@@ -324,6 +324,8 @@ def _epoch_row(setup: Setup, train_loss: float, grad_norm: float | None, lr: flo
         row["valid_loss"] = _sharded_loss(evaluator, dataset, "valid", keys, state.world)
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
+    if callable(getattr(state.model, "epoch_metrics", None)):  # a program's own per-epoch statistics
+        row.update(state.model.epoch_metrics(row))
     return row
 
 
@@ -360,6 +362,8 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     objective = make_objective(model, guide, estimator, schedule)
     _check_before_training(objective, dataset, context_keys, first, config, world, quiet)
     if config.jit:
+        if getattr(guide, "traceable", True) is False:  # e.g. the VQ-VAE: its codebook updates in a Python hook
+            raise ConfigError(f"--jit replays a trace without Python hooks, and guide {config.guide!r} updates in one: drop --jit")
         objective = TracedObjective(objective)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     evaluator = objective

@@ -5,7 +5,8 @@ from pyro_vae.models.hierarchical import HierarchicalVAE
 from pyro_vae.models.priors import MixturePriorVAE, VampPriorVAE
 from pyro_vae.models.ssvae import SSVAE
 from pyro_vae.models.vae import VAE, LatentVariableModel, LinearGaussian
+from pyro_vae.models.vqvae import VQVAE
 from pyro_vae.registry import MODELS
 
-__all__ = ["CVAE", "HierarchicalVAE", "LatentVariableModel", "LinearGaussian", "MODELS", "MixturePriorVAE",
+__all__ = ["VQVAE", "CVAE", "HierarchicalVAE", "LatentVariableModel", "LinearGaussian", "MODELS", "MixturePriorVAE",
            "QuadrantCVAE", "SSVAE", "VAE", "VampPriorVAE"]

@@ -455,6 +455,9 @@ class Objective(nn.Module):
     def __init__(self, model: nn.Module, guide: nn.Module, estimator):
         super().__init__()
         check_pair(model, guide)
+        for program in (model, guide):  # a program may refuse estimators (the VQ-VAE's point-mass guide)
+            if callable(getattr(program, "check_estimator", None)):
+                program.check_estimator(estimator)
         self.model, self.guide, self.estimator = model, guide, estimator
 
     def validate(self, x: torch.Tensor, beta: float = 1.0) -> None:
