@@ -135,11 +135,16 @@ class Codebook(nn.Module):
         self.register_buffer("ema_count", torch.ones(num_codes))
         self.register_buffer("ema_sum", embed.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._ready = False  # a host copy of ``initialized`` once it is true (no read-back per step)
         self.register_buffer("steps", torch.tensor(0))
         # this epoch's statistics (all-reduced counts, restarts, commitment per data point, steps)
         self.register_buffer("epoch_counts", torch.zeros(num_codes))
         self.register_buffer("epoch_restarts", torch.tensor(0))
         self.register_buffer("epoch_commitment", torch.zeros(2))  # sum over steps, steps
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # read ``initialized`` again at the next step
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -165,8 +170,8 @@ class Codebook(nn.Module):
         else:
             z = z_e + (z_q - z_e).detach()
         if self.training and torch.is_grad_enabled() and z_e.requires_grad:
-            saved = z_e.detach().reshape(-1, self.code_dim).float()
-            z_e.register_hook(lambda grad: self._step(saved))
+            saved, assigned = z_e.detach().reshape(-1, self.code_dim).float(), codes.reshape(-1)
+            z_e.register_hook(lambda grad: self._step(saved, assigned))
         return codes, z, z_q
 
     # -- updates --------------------------------------------------------------------------------
@@ -183,6 +188,7 @@ class Codebook(nn.Module):
         self.ema_count.copy_(counts)
         self.ema_sum.copy_(centres * counts[:, None])
         self.initialized.fill_(True)
+        self._ready = True
 
     @torch.no_grad()
     def ema_update(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -217,12 +223,17 @@ class Codebook(nn.Module):
         self.ema_sum[dead] = every[pick] * 2 * self.restart_threshold
         return len(dead)
 
-    def _step(self, z: torch.Tensor) -> None:
-        """The codebook's part of a training step (called from the backward hook on z_e)."""
+    def _step(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        """The codebook's part of a training step (called from the backward hook on z_e), from the
+        rows z and the codes the forward pass assigned them (found again after a k-means start)."""
         with torch.no_grad():
-            if not bool(self.initialized):
+            if not self._ready:  # read back from the device until it is true, then never again
+                self._ready = bool(self.initialized)
+            if not self._ready:
                 self.init_kmeans(z)
-            codes = self.nearest(z)
+                codes = None  # the codebook has just moved
+            if codes is None:
+                codes = self.nearest(z)
             counts = self.ema_update(z, codes)
             restarts = self.restart_dead(z)
             self.epoch_counts.add_(counts)
