@@ -76,39 +76,33 @@ class Setting:
     def check(self, name: str, value: Any) -> Any:
         """``value`` if it is allowed (ints widen to float), else ConfigError naming the key,
         the value and what is allowed."""
-        def refuse():
-            return ConfigError(f"{name} = {value!r}: must be {self.allowed()}{self._close(value)}")
+        if value is None and self.optional:
+            return None
+        items = value if self.many and isinstance(value, (list, tuple)) else [value]
+        widened = [self._widen(v) for v in items]
+        if (value is None or (self.many and not isinstance(value, (list, tuple)))
+                or (self.many and self.length is not None and len(items) != self.length)
+                or not all(self._allowed(v) for v in widened)):
+            raise ConfigError(f"{name} = {value!r}: must be {self.allowed()}{self._close(value)}")
+        return widened if self.many else widened[0]
 
-        if value is None:
-            if self.optional:
-                return None
-            raise refuse()
-        if self.many:
-            if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length):
-                raise refuse()
-            try:
-                return [self._check_one(v) for v in value]
-            except ConfigError:
-                raise refuse() from None
-        try:
-            return self._check_one(value)
-        except ConfigError:
-            raise refuse() from None
-
-    def _check_one(self, value: Any) -> Any:
+    def _widen(self, value: Any) -> Any:
+        """An int where a float is declared becomes that float (TOML's ``lr = 1``)."""
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
-            raise ConfigError("type")
-        if self.kind is float and not math.isfinite(value):
-            raise ConfigError("not finite")
-        if self.kind in (int, float) and not (
-                (self.at_least is None or value >= self.at_least) and (self.above is None or value > self.above)
-                and (self.at_most is None or value <= self.at_most)):
-            raise ConfigError("range")
-        if self.choices is not None and value not in self._choices() and not (self.import_path and ":" in value):
-            raise ConfigError("choice")
+            return float(value)
         return value
+
+    def _allowed(self, value: Any) -> bool:
+        """One value (an item, for lists) against the kind, the bounds and the choices."""
+        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            return False
+        if self.kind is float and not math.isfinite(value):
+            return False
+        if self.kind in (int, float) and not ((self.at_least is None or value >= self.at_least)
+                                              and (self.above is None or value > self.above)
+                                              and (self.at_most is None or value <= self.at_most)):
+            return False
+        return self.choices is None or value in self._choices() or (self.import_path and ":" in value)
 
     def parse(self) -> Callable[[str], Any]:
         """The argparse ``type`` of the flag: text to a checked value (argparse then prints
@@ -119,10 +113,9 @@ class Setting:
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not {KINDS[self.kind]}: must be {self.allowed()}") \
                     from None
-            try:
-                return self._check_one(value)
-            except ConfigError:
-                raise argparse.ArgumentTypeError(f"{text!r}: must be {self.allowed()}{self._close(text)}") from None
+            if not self._allowed(value):
+                raise argparse.ArgumentTypeError(f"{text!r}: must be {self.allowed()}{self._close(text)}")
+            return value
 
         convert.__name__ = KINDS[self.kind]
         return convert
