@@ -15,7 +15,7 @@ from pyro.nn import PyroModule
 
 from pyro_vae.evaluation import (
     BlockNoise,
-    _Chunk,
+    Chunk,
     active_units,
     evaluate,
     mutual_information,
@@ -127,11 +127,11 @@ def test_chunked_draws_are_identical_and_results_agree(linear):
     model, x = linear
     guide = ExactPosteriorGuide(model, scale=0.8)
     k = 300
-    whole = _Chunk(model, guide, x, k, BlockNoise(7, range(len(x))), True).sites["z"]["value"]
+    whole = Chunk(model, guide, x, k, BlockNoise(7, range(len(x))), True).sites["z"]["value"]
     parts = []
     for i in range(0, len(x), 3):  # 3 points x 128 particles at a time
         xb = x[i:i + 3]
-        cols = [_Chunk(model, guide, xb, min(128, k - j), BlockNoise(7, range(i, i + len(xb)), j),
+        cols = [Chunk(model, guide, xb, min(128, k - j), BlockNoise(7, range(i, i + len(xb)), j),
                        True).sites["z"]["value"] for j in range(0, k, 128)]
         parts.append(torch.cat(cols, 0))
     assert torch.equal(whole, torch.cat(parts, 1))  # bit for bit the same z for each (point, particle)

@@ -189,7 +189,7 @@ def test_repeated_batch_keeps_each_point_with_its_own_particles():
 def test_evaluation_repeats_the_batch_for_programs_that_do_not_broadcast():
     """k > 1 from Python for a label-conditioned program written for one particle; the repeated
     layout draws the same noise as the vectorized one, so it gives the same numbers."""
-    import pyro_vae.evaluation as evaluation
+    import pyro_vae.evaluation.likelihood as evaluation
     from pyro_vae.guides import GaussianGuide
     from pyro_vae.models import VAE
     from pyro_vae.objectives.base import REPEATED
