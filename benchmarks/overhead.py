@@ -34,7 +34,7 @@ from pyro_vae.amp import amp_dtype, autocast_layers  # noqa: E402
 from pyro_vae.config import PRESETS, TrainConfig, build_model_and_guide  # noqa: E402
 from pyro_vae.data import load_dataset  # noqa: E402
 from pyro_vae.objectives import ESTIMATORS, Objective, make_estimator, parse_spec  # noqa: E402
-from pyro_vae.objectives.traced import TracedObjective  # noqa: E402
+from pyro_vae.objectives.traced import trace_objective  # noqa: E402
 from pyro_vae.schedules import KLSchedule  # noqa: E402
 from pyro_vae.training import resolve_device, train_epoch  # noqa: E402
 
@@ -60,8 +60,10 @@ def machine() -> dict:
     return info
 
 
-def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, jit=False, lr=1e-3,
+def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, mode="default", lr=1e-3,
             seed=0, amp=None) -> dict:
+    """``mode``: ``default`` (what ``pyro-vae train`` does: traced where the program allows it) or
+    ``eager`` (``--no-jit``)."""
     name, opts = parse_spec(spec)
     k = int(opts.get("K", 1))
     config = TrainConfig.from_dict(dict(preset=preset, estimator=spec, x_dim=data.x_dim))
@@ -74,9 +76,7 @@ def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, 
     if amp:
         for module in (model, guide, vae):
             autocast_layers(module, device.type, amp_dtype(amp))
-    objective = Objective(model, guide, make_estimator(spec))
-    if jit:
-        objective = TracedObjective(objective)
+    objective = trace_objective(Objective(model, guide, make_estimator(spec)), None if mode == "default" else False)
     optimizer = torch.optim.Adam(objective.parameters(), lr=lr)
     schedule = KLSchedule()
     ref_optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -89,13 +89,14 @@ def measure(data, preset: str, spec: str, batch_size: int, epochs: int, device, 
         if epoch:
             tk.append(t_tk), ref.append(t_ref)
     a, b = statistics.median(tk), statistics.median(ref)
-    return {"preset": preset, "estimator": spec, "jit": jit, "amp": amp, "batch_size": batch_size,
+    return {"preset": preset, "estimator": spec, "mode": mode, "jit": getattr(objective, "traced", False), "amp": amp, "batch_size": batch_size,
             "toolkit_s": a, "reference_s": b, "ratio": a / b, "samples_per_s": len(data.train) / a,
             "epochs_timed": epochs}
 
 
 def _row(r: dict) -> str:
-    mode = ("jit" if r["jit"] else "eager") + (f" {r['amp']}" if r.get("amp") else "")
+    mode = {"default": "default (traced)" if r["jit"] else "default (eager)", "eager": "eager (--no-jit)"}[r["mode"]]
+    mode += f" {r['amp']}" if r.get("amp") else ""
     return (f"| {r['preset']} | {r['estimator']} | {mode} | {r['batch_size']} | "
             f"{r['toolkit_s']:.3f} | {r['reference_s']:.3f} | {r['ratio']:.3f} | {r['samples_per_s']:,.0f} |")
 
@@ -105,8 +106,8 @@ def main(argv=None):
     p.add_argument("--presets", nargs="+", default=["seed", "iwae1"])
     p.add_argument("--estimators", nargs="+", default=["elbo", "meanfield", "iwae:K=50"])
     p.add_argument("--batch-size", type=int, nargs="+", default=[100], help="one or more (a sweep)")
-    p.add_argument("--modes", nargs="+", default=["eager", "jit"], choices=["eager", "jit"],
-                   help="toolkit as is, and with --jit (the traced objective)")
+    p.add_argument("--modes", nargs="+", default=["default", "eager"], choices=["default", "eager"],
+                   help="the toolkit as `pyro-vae train` runs it (traced where it can be), and with --no-jit")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per side (after one warm-up)")
     p.add_argument("--train-size", type=int, default=None, help="default: all 60,000 images")
     p.add_argument("--device", default="auto")
@@ -128,7 +129,7 @@ def main(argv=None):
                 continue
             for batch_size in args.batch_size:
                 for mode in args.modes:
-                    r = measure(data, preset, spec, batch_size, args.epochs, device, jit=mode == "jit",
+                    r = measure(data, preset, spec, batch_size, args.epochs, device, mode=mode,
                                 amp=args.amp)
                     rows.append(r)
                     print(_row(r), flush=True)

@@ -119,8 +119,10 @@ class TrainConfig:
                                       optional=True, resumable=True)
     seed: int = setting(0, "random seed (identical runs on CPU)", **COUNT)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", resumable=True)
-    jit: bool = setting(False, "trace the objective once and replay it (faster steps; same values)", kind=bool,
-                        resumable=True)
+    jit: bool | None = setting(None, "trace the objective once and replay it: faster steps, the same numbers "
+                                     "(default: traced where the program allows it, else eager with one line "
+                                     "saying why; --jit: traced or refused; --no-jit: eager)", kind=bool,
+                               optional=True, resumable=True)
     amp: str | None = setting(None, "bf16: the networks' matrix products in bfloat16, log-densities and loss in "
                                     "float32", choices=("bf16",), optional=True, resumable=True)
     tensorboard: bool = setting(False, "also log scalars and sample grids to RUN/tensorboard (pip install "

@@ -156,7 +156,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) ->
     for name, spec in declarations(cls).items():
         if not spec.flag or name in skip or spec.kind is dict:
             continue
-        text = f"{spec.help} (default: {defaults[name]})"
+        text = spec.help if "(default:" in spec.help else f"{spec.help} (default: {defaults[name]})"
         if spec.kind is bool:
             parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

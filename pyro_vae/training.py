@@ -42,7 +42,7 @@ from pyro_vae.distributed import SINGLE, World, resolve_device  # noqa: F401 (al
 from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.tc import tell_dataset_size
-from pyro_vae.objectives.traced import TracedObjective
+from pyro_vae.objectives.traced import trace_objective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys
 from pyro_vae.run import (
@@ -315,7 +315,7 @@ def _epoch_row(setup: Setup, train_loss: float, grad_norm: float | None, lr: flo
            "test_loss": _sharded_loss(evaluator, dataset, "test", keys, state.world),
            "epoch_time_s": time.perf_counter() - t0, **state.kl_weights, "lr": lr,
            "clip_grad": config.clip_grad, "early_stopping": config.early_stopping,
-           "device": str(dataset.train.device), "jit": config.jit, "amp": config.amp}
+           "device": str(dataset.train.device), "jit": getattr(evaluator, "traced", False), "amp": config.amp}
     if hasattr(guide, "classify") and dataset.test_labels is not None:
         row["test_accuracy"] = accuracy(guide, dataset.test, dataset.test_labels)
         if dataset.valid_labels is not None:  # for choosing the epoch without the test set
@@ -361,10 +361,7 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     estimator = tell_dataset_size(make_estimator(config.estimator, config.particles), len(dataset.train))  # beta-tcvae's N
     objective = make_objective(model, guide, estimator, schedule)
     _check_before_training(objective, dataset, context_keys, first, config, world, quiet)
-    if config.jit:
-        if getattr(guide, "traceable", True) is False:  # e.g. the VQ-VAE: its codebook updates in a Python hook
-            raise ConfigError(f"--jit replays a trace without Python hooks, and guide {config.guide!r} updates in one: drop --jit")
-        objective = TracedObjective(objective)
+    objective = trace_objective(objective, config.jit, say=_notice if world.is_main and not quiet else _silent)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     evaluator = objective
     if world.size > 1:
@@ -373,6 +370,14 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
                           world=world, claim=claim, quiet=quiet)
     start_epoch = _claim_and_resume(state, dataset)
     return Setup(state, dataset, objective, evaluator, schedule, context_keys, start_epoch)
+
+
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _load_data(config: TrainConfig, device, dataset: Dataset | None) -> Dataset:

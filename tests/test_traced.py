@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyro_vae.guides import GaussianGuide
+from pyro_vae.errors import ConfigError, ProgramError
 from pyro_vae.models import VAE
 from pyro_vae.objectives import Objective, make_estimator
 from pyro_vae.objectives.traced import TracedObjective
@@ -37,3 +38,67 @@ def test_traced_steps_equal_eager_steps(spec):
     assert torch.allclose(loss_e, loss_t, rtol=1e-5)
     for a, b in zip(params_e, params_t):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def _value_dependent_pair():
+    """A Pyro user's model/guide whose control flow reads a tensor's value (a Python float)."""
+    import pyro
+    import pyro.distributions as dist
+
+    decoder, encoder = torch.nn.Linear(2, 12), torch.nn.Linear(12, 4)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            logits = decoder(z)
+            if logits.mean() > 0:  # the branch taken depends on the parameters' values
+                logits = logits - 1.0
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    from pyro_vae.programs import as_module, bind
+
+    model, guide = as_module(model, "model"), as_module(guide, "guide")
+    bind(model, guide, torch.zeros(2, 12))  # as training does: the functions' parameters found
+    return model, guide
+
+
+def test_a_program_that_reads_tensor_values_trains_eagerly_and_says_where():
+    from pyro_vae.objectives.traced import trace_objective
+
+    model, guide = _value_dependent_pair()
+    said = []
+    objective = trace_objective(Objective(model, guide, make_estimator("elbo")), None, say=said.append)
+    x = torch.bernoulli(torch.rand(6, 12))
+    torch.manual_seed(0)
+    traced_loss = objective(x, beta=1.0)
+    torch.manual_seed(0)
+    assert torch.allclose(traced_loss, objective.objective(x, beta=1.0))  # the eager value, same draws
+    assert objective.traced is False and len(said) == 1
+    assert said[0].startswith("eager steps") and f"{__file__}:" in said[0]  # names the user's line
+    objective(x, beta=1.0)
+    assert len(said) == 1  # said once
+
+    strict = trace_objective(Objective(model, guide, make_estimator("elbo")), True)
+    with pytest.raises(ProgramError, match=r"--jit: the program turns a tensor into a Python value at .*test_traced"):
+        strict(x, beta=1.0)
+    assert trace_objective(Objective(model, guide, make_estimator("elbo")), False).__class__ is Objective
+
+
+def test_objectives_a_trace_cannot_replay_are_eager_by_default_and_refused_under_jit():
+    from pyro_vae.objectives import KLPenaltyObjective
+    from pyro_vae.objectives.traced import trace_objective
+
+    penalty = KLPenaltyObjective(VAE(x_dim=12, z_dim=3, hidden=[8]), GaussianGuide(x_dim=12, z_dim=3, hidden=[8]),
+                                 make_estimator("elbo"))
+    said = []
+    assert trace_objective(penalty, None, say=said.append) is penalty
+    assert len(said) == 1 and "KLPenaltyObjective" in said[0]
+    with pytest.raises(ConfigError, match="--jit: KLPenaltyObjective .* drop --jit"):
+        trace_objective(penalty, True)

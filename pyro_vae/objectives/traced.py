@@ -1,4 +1,4 @@
-"""``--jit``: the training objective traced with ``torch.jit.trace`` and replayed.
+"""The training objective traced with ``torch.jit.trace`` and replayed: the default.
 
 Each Pyro step re-runs the model and guide through Pyro's effect handlers in Python; for the
 small networks of a VAE that bookkeeping is a large share of the step. Tracing records the
@@ -8,7 +8,17 @@ so it draws the same random numbers and returns the same values (checked when it
 
 Like Pyro's own JIT ELBOs (``JitTrace_ELBO``), it assumes the programs' control flow does not
 depend on tensor values, and that the estimator changes gradients by tensor operations (such as
-DReG's ``ScaleGrad``), not by gradient hooks, which a trace does not record. KL weights (beta) enter as tensors, so schedules keep working.
+DReG's ``ScaleGrad``), not by gradient hooks, which a trace does not record. KL weights (beta)
+enter as tensors, so schedules keep working.
+
+``jit`` setting: ``None`` (the default) traces where the programs allow it and otherwise trains
+eagerly, saying why in one line; ``True`` (``--jit``) traces or refuses; ``False``
+(``--no-jit``) is always eager. A program cannot be traced when its guide updates state in a
+Python hook (``traceable = False``, the VQ-VAE), when the objective is not the plain
+``Objective`` (capacity, free bits), when tracing fails or replays a different value, or when a
+user's own code turns a tensor into a Python value while being traced (a ``TracerWarning`` from
+a file outside torch, Pyro and pyro-vae): the trace would freeze that value, as Pyro's
+``JitTrace_ELBO`` would.
 
 The trace is replayed with TorchScript's graph optimizations off
 (``torch.jit.optimized_execution(False)``): the same kernels as eager, gradients by ordinary
@@ -20,13 +30,47 @@ steps 1.8x (batch 1024) to 3.7x (batch 4096) slower than eager on an H200; off, 
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
+import pyro
 import torch
 from torch import nn
 
 from pyro_vae.errors import ConfigError, ProgramError
 from pyro_vae.objectives.base import Objective
+
+_LIBRARIES = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, pyro))
+_OURS = str(Path(__file__).resolve().parents[1])
+
+
+def _say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def untraceable_reason(objective) -> str | None:
+    """Why ``objective`` cannot be traced before it runs, or None."""
+    if type(objective) is not Objective:
+        return f"{type(objective).__name__} (capacity or free bits) is not the plain objective that a trace replays"
+    if getattr(objective.guide, "traceable", True) is False:  # e.g. the VQ-VAE's codebook update
+        return f"guide {type(objective.guide).__name__} updates its state in a Python hook, which a replay skips"
+    return None
+
+
+def trace_objective(objective, jit: bool | None, say: Callable[[str], None] = _say_on_stderr):
+    """The objective to train with under the ``jit`` setting: a ``TracedObjective`` where it may be
+    traced, else ``objective`` itself (``jit=None`` says why; ``jit=True`` refuses)."""
+    if jit is False:
+        return objective
+    reason = untraceable_reason(objective)
+    if reason is None:
+        return TracedObjective(objective, required=bool(jit), say=say)
+    if jit:
+        raise ConfigError(f"--jit: {reason}: drop --jit")
+    say(f"eager steps: {reason} (--no-jit: eager without this note)")
+    return objective
 
 
 class _Call(nn.Module):
@@ -40,20 +84,33 @@ class _Call(nn.Module):
         return self.objective(x, **kwargs)
 
 
-class TracedObjective(nn.Module):
-    """Wraps an ``Objective``; training calls (with gradients) run a cached trace, others eager."""
+class _Untraceable(Exception):
+    """The trace cannot stand in for the eager call (the message says why)."""
 
-    def __init__(self, objective: Objective):
+
+class TracedObjective(nn.Module):
+    """Wraps an ``Objective``; training calls (with gradients) run a cached trace, others eager.
+
+    ``required=False``: where the first trace fails (see the module's docstring), say why once
+    through ``say`` and run eagerly from then on; ``required=True``: raise ``ProgramError``."""
+
+    def __init__(self, objective: Objective, required: bool = True, say: Callable[[str], None] = _say_on_stderr):
         super().__init__()
-        if type(objective) is not Objective:
-            raise ConfigError(f"--jit traces the plain Objective (beta schedules, any estimator); "
-                             f"{type(objective).__name__} (capacity or free bits) runs without --jit")
-        self.objective = objective
+        reason = untraceable_reason(objective)
+        if reason is not None:
+            raise ConfigError(f"--jit: {reason}: drop --jit")
+        self.objective, self.required, self.say = objective, required, say
+        self.eager_reason: str | None = None
         self._traces: dict = {}
         self._weights: dict[str, torch.Tensor] = {}
 
+    @property
+    def traced(self) -> bool:
+        """Whether training steps replay a trace (False once it fell back to eager)."""
+        return self.eager_reason is None
+
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()) or self.eager_reason is not None:
             return self.objective(x, **kwargs)
         weights = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
         context = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
@@ -62,7 +119,14 @@ class TracedObjective(nn.Module):
         key = (tuple(x.shape), x.dtype, x.device, wkeys, ckeys, tuple(a.shape for a in args))
         traced = self._traces.get(key)
         if traced is None:
-            traced = self._traces[key] = self._trace(x, args, wkeys, ckeys)
+            try:
+                traced = self._traces[key] = self._trace(x, args, wkeys, ckeys)
+            except _Untraceable as e:
+                if self.required:
+                    raise ProgramError(f"--jit: {e}; train without --jit") from None
+                self.eager_reason = str(e)
+                self.say(f"eager steps: {e} (--no-jit: eager without this note)")
+                return self.objective(x, **kwargs)
         with torch.jit.optimized_execution(False):
             return traced(x, *args)
 
@@ -74,20 +138,36 @@ class TracedObjective(nn.Module):
         return t.fill_(value)
 
     def _trace(self, x, args, wkeys, ckeys):
+        """Trace one call and check that the replay gives the eager value (``_Untraceable`` if not)."""
         call = _Call(self.objective, wkeys, ckeys)
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            try:
                 traced = torch.jit.trace(call, (x, *args), check_trace=False)
+            except Exception as e:  # noqa: BLE001 - whatever stops the tracer, eager steps still work
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise _Untraceable(f"tracing the objective failed ({type(e).__name__}: {first})") from e
+        frozen = _user_tracer_warning(caught)
+        if frozen:
+            raise _Untraceable(f"the program turns a tensor into a Python value at {frozen}, which a trace "
+                               f"would freeze")
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             eager = call(x, *args)
         with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.jit.optimized_execution(False):
             replay = traced(x, *args)
         if not torch.allclose(eager, replay, rtol=1e-4, atol=1e-4):
-            raise ProgramError(
-                f"--jit: the traced objective gives {float(replay):.4f} where the model and guide "
-                f"give {float(eager):.4f}; their control flow must depend on tensor values. "
-                f"Train without --jit."
-            )
+            raise _Untraceable(f"the traced objective gives {float(replay):.4f} where the model and guide give "
+                               f"{float(eager):.4f} (control flow that depends on tensor values)")
         return traced
+
+
+def _user_tracer_warning(caught) -> str | None:
+    """'file:line' of the first TracerWarning raised from code outside torch, Pyro and pyro-vae."""
+    for w in caught:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            continue
+        path = str(Path(w.filename).resolve())
+        if not path.startswith((*_LIBRARIES, _OURS)):
+            return f"{w.filename}:{w.lineno}"
+    return None
