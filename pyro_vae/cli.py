@@ -265,143 +265,40 @@ def _loaded(args):
     return open_run(args.run, args.device, args.seed, args.best, getattr(args, "trust_code", False))
 
 
-def _test_data(config, device, n=None):
-    """The run's test data: the first n points for images, all of them otherwise (the grey
-    background of the scatter plots; callers take the first n)."""
-    from pyro_vae.data import load_run_data
-
-    return load_run_data(config, device, test_size=n if config.image_shape else None)
-
-
 def _written(*paths) -> None:
     print(" ".join(str(p) for p in paths))
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from pyro_vae.applications import data_units, is_image, prior_samples, run_context, save_arrays
-    from pyro_vae.plots import save_image_grid, save_pairs
-
     if getattr(args, "prior", None):  # latents from a second stage (pyro_vae/cli_latents.py)
         from pyro_vae.cli_latents import cmd_sample_prior
 
         return cmd_sample_prior(args)
-    config, model, guide, device = _loaded(args)
-    from pyro_vae.programs import context_keys
+    from pyro_vae.figures import sample_figure
 
-    conditional = "y" in context_keys(model, guide)
-    if args.label is not None and not conditional:
-        raise ConfigError(f"--label needs a class-conditional model (cvae, ssvae); this run's model is {config.model!r}")
-    if conditional and args.label is not None and not 0 <= args.label < (config.num_classes or 0):
-        raise ConfigError(f"--label {args.label} is not a class of this run: choose 0..{(config.num_classes or 1) - 1}")
-    data = _test_data(config, device, 1)
-    run_context(model, guide, data)  # a context other than labels is refused here, by name
-    context = {}
-    if conditional:
-        y = torch.arange(args.n, device=device) % (config.num_classes or 1) if args.label is None else \
-            torch.full((args.n,), args.label, device=device)
-        context = {"y": y}
-    stem = "samples" if args.label is None else f"samples-label{args.label}"
-    out = Path(args.out or Path(args.run) / "figures" / f"{stem}.png")
-    x = prior_samples(model, args.n, data.test, **context)
-    what = f"class {args.label}" if args.label is not None else ("classes 0, 1, ... by column" if conditional else "the prior")
-    if is_image(config, x.shape[-1]):
-        save_image_grid(x, out, config.image_shape, title=f"{args.n} samples from {what}")
-        _written(out)
-    else:
-        x, grey = data_units(data, x), data_units(data, data.test)
-        arrays = save_arrays(Path(args.run) / f"{stem}.npy", x)
-        save_pairs(out, grey, {"E[x | z], z ~ p(z)": x}, title=f"{args.n} samples from {what} (colour), test points (grey)")
-        _written(out, arrays)
+    _written(sample_figure(args.run, _loaded(args), args.n, args.label, args.out))
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from pyro_vae.applications import data_units, is_image, reconstruct, run_context, save_arrays
-    from pyro_vae.plots import save_pairs, save_reconstructions
+    from pyro_vae.figures import reconstruction_figure
 
-    config, model, guide, device = _loaded(args)
-    data = _test_data(config, device, args.n)
-    x = data.test[: args.n]
-    context = run_context(model, guide, data, rows=slice(0, args.n))
-    recon = reconstruct(model, guide, x, **context)
-    out = Path(args.out or Path(args.run) / "figures" / "reconstructions.png")
-    if is_image(config, x.shape[-1]):
-        save_reconstructions(x, recon, out, config.image_shape)
-        _written(out)
-    else:
-        x, recon = data_units(data, x), data_units(data, recon)
-        arrays = save_arrays(Path(args.run) / "reconstructions.npy", recon)
-        save_pairs(out, x, {"E[x' | z = E_q[z|x]]": recon},
-                   title=f"{len(x)} test points (grey) and their reconstructions (colour)")
-        _written(out, arrays)
+    _written(reconstruction_figure(args.run, _loaded(args), args.n, args.out))
     return 0
 
 
 def cmd_interpolate(args) -> int:
-    import torch
+    from pyro_vae.figures import interpolation_figure
 
-    from pyro_vae.applications import data_units, interpolate, is_image, run_context, save_arrays
-    from pyro_vae.plots import save_image_grid, save_pairs
-
-    config, model, guide, device = _loaded(args)
-    data = _test_data(config, device, 2 * args.pairs)
-    x = data.test[: 2 * args.pairs]
-    if len(x) < 2:
-        raise ConfigError("interpolation needs at least two test points")
-    half = len(x) // 2
-    a, b = torch.arange(0, 2 * half, 2, device=x.device), torch.arange(1, 2 * half, 2, device=x.device)
-    path = interpolate(model, guide, x[a], x[b], args.steps, args.method,
-                       context_b=run_context(model, guide, data, rows=b), **run_context(model, guide, data, rows=a))
-    out = Path(args.out or Path(args.run) / "figures" / "interpolations.png")
-    if is_image(config, x.shape[-1]):
-        rows = torch.cat([x[a][:, None], path, x[b][:, None]], 1).reshape(-1, x.shape[-1])
-        save_image_grid(rows, out, config.image_shape, nrow=args.steps + 2,
-                        title=f"test pairs (first and last column) and the decoded {args.method} path between their codes")
-        _written(out)
-    else:
-        path, ends = data_units(data, path), data_units(data, torch.cat([x[a], x[b]]))
-        arrays = save_arrays(Path(args.run) / "interpolations.npy", path)
-        save_pairs(out, data_units(data, data.test), {f"decoded {args.method} paths": path, "end points": ends},
-                   title=f"{half} paths between the codes of test pairs (colour), test points (grey)")
-        _written(out, arrays)
+    _written(interpolation_figure(args.run, _loaded(args), args.pairs, args.steps, args.method, args.out))
     return 0
 
 
 def cmd_traverse(args) -> int:
-    from pyro_vae.applications import (
-        data_units,
-        is_image,
-        most_active_dims,
-        run_context,
-        save_arrays,
-        traverse,
-    )
-    from pyro_vae.plots import save_image_grid, save_pairs
+    from pyro_vae.figures import traversal_figure
 
-    config, model, guide, device = _loaded(args)
-    data = _test_data(config, device, max(1000, args.index + 1))
-    x = data.test
-    if not 0 <= args.index < len(x):
-        raise ConfigError(f"--index {args.index} is not a test point: the test set has {len(x)}")
-    first = slice(0, 1000)
-    dims = args.dims if args.dims else most_active_dims(model, guide, x[first], args.num_dims,
-                                                        **run_context(model, guide, data, rows=first))
-    row = slice(args.index, args.index + 1)
-    grid = traverse(model, guide, x[row], dims, args.span, args.steps, **run_context(model, guide, data, rows=row))[0]
-    out = Path(args.out or Path(args.run) / "figures" / "traversals.png")
-    if is_image(config, x.shape[-1]):
-        save_image_grid(grid.reshape(-1, x.shape[-1]), out, config.image_shape, nrow=args.steps,
-                        title=f"test point {args.index}: latent dims {dims} (rows) from -{args.span:g} to {args.span:g}")
-        _written(f"{out} (rows: dimensions {' '.join(map(str, dims))})")
-    else:
-        grid, x = data_units(data, grid), data_units(data, x)
-        arrays = save_arrays(Path(args.run) / "traversals.npy", grid)
-        layers = {f"latent dim {d}": grid[i : i + 1] for i, d in enumerate(dims)}
-        save_pairs(out, x, {**layers, f"test point {args.index}": x[row]},
-                   title=f"test point {args.index}: each latent dim from -{args.span:g} to {args.span:g} (colour)")
-        _written(out, f"{arrays} (dims, steps, features; dims {' '.join(map(str, dims))})")
+    _written(traversal_figure(args.run, _loaded(args), args.index, args.dims, args.num_dims, args.span, args.steps,
+                              args.out))
     return 0
 
 
@@ -462,6 +359,8 @@ def cmd_represent(args) -> int:
 
 def cmd_demo(args) -> int:
     """Train the iwae1 VAE on binarized MNIST, evaluate, draw pictures, summarise."""
+    from pyro_vae import figures
+    from pyro_vae.applications import open_run
     from pyro_vae.config import TrainConfig
     from pyro_vae.evaluation import evaluate_run
     from pyro_vae.plots import save_training_curve
@@ -472,21 +371,17 @@ def cmd_demo(args) -> int:
     if holds_run(run) and not args.overwrite:
         raise RunDirError(f"{run} already holds a run: replace it with --overwrite, or give another --out")
     config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,
-                                        batch_size=100, lr=1e-3, estimator="elbo", seed=0, device=args.device,
-                                        jit=True))
+                                        batch_size=100, lr=1e-3, estimator="elbo", seed=0, device=args.device))
     t0 = time.perf_counter()
     print(f"training the iwae1 VAE (784-200-200-50, tanh) on binarized MNIST for {args.epochs} epochs ...")
     train(config, run, quiet=args.quiet, overwrite=args.overwrite)
     print(f"evaluating log p(x) on the 10,000 test images with k={args.k} importance samples ...")
     result = evaluate_run(run, k=args.k, device=args.device, progress=not args.quiet)
-    ns = argparse.Namespace(run=str(run), seed=0, device=args.device, n=64, out=None, label=None, best=False,
-                            pairs=8, steps=10, method="slerp", index=0, dims=None, num_dims=8, span=3.0)
-    cmd_sample(ns)
-    ns.n = 32
-    cmd_reconstruct(ns)
-    cmd_interpolate(ns)
-    ns.steps = 9
-    cmd_traverse(ns)
+    opened = open_run(run, args.device)
+    _written(figures.sample_figure(run, opened, n=64))
+    _written(figures.reconstruction_figure(run, opened, n=32))
+    _written(figures.interpolation_figure(run, opened, pairs=8, steps=10))
+    _written(figures.traversal_figure(run, opened, steps=9))
     save_training_curve(read_metrics(run), run / "figures" / "training_curve.png")
     print(f"\nsummary ({time.perf_counter() - t0:.0f} s)\n"
           f"  test ELBO                {result['test_elbo']:.2f} nats\n"
