@@ -12,7 +12,6 @@ from torch import nn
 from pyro_vae.data import Dataset
 from pyro_vae.errors import DataError
 from pyro_vae.nets import encoder_net
-from pyro_vae.schedules import KLSchedule
 
 
 class Classifier(nn.Module):
@@ -33,33 +32,25 @@ class Classifier(nn.Module):
         return torch.cat([self(chunk).argmax(-1) for chunk in x.split(batch_size)])
 
 
-class CrossEntropy(nn.Module):
-    """The training objective -log p(y|x) per data point, in the shape ``train_epoch`` expects."""
-
-    def __init__(self, classifier: Classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, x, beta: float = 1.0, y=None):
-        return nn.functional.cross_entropy(self.classifier(x), y)
-
-
 def train_classifier(data: Dataset, epochs: int = 2, batch_size: int = 128, lr: float = 1e-3,
                      net: str = "conv", hidden: Sequence[int] = (128,), seed: int = 0) -> Classifier:
-    """Fit a Classifier to ``data.train`` and its labels with Adam (the one training step,
-    ``train.train_epoch``); returns it in eval mode."""
-    from pyro_vae.training import train_epoch
-
+    """Fit a Classifier to ``data.train`` and its labels: minibatch Adam on the cross-entropy
+    -log p(y|x), the batches reshuffled each epoch; returns it in eval mode."""
     if data.train_labels is None or not data.num_classes:
         raise DataError(f"a classifier needs labelled data; {data.name!r} has no labels")
     torch.manual_seed(seed)
-    clf = Classifier(data.x_dim, data.num_classes, hidden, net=net, image_shape=data.image_shape)
-    clf.to(data.train.device)
-    objective = CrossEntropy(clf)
-    optimizer = torch.optim.Adam(objective.parameters(), lr=lr)
-    for epoch in range(1, epochs + 1):
-        train_epoch(objective, optimizer, data, batch_size, KLSchedule(), epoch, context_keys=("y",))
-    return clf.eval()
+    x, y = data.train, data.train_labels
+    classifier = Classifier(data.x_dim, data.num_classes, hidden, net=net, image_shape=data.image_shape).to(x.device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    classifier.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x), generator=order).to(x.device).split(batch_size):
+            loss = nn.functional.cross_entropy(classifier(x[rows]), y[rows].long())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return classifier.eval()
 
 
 @torch.no_grad()
