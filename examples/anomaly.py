@@ -10,7 +10,7 @@ likelihood), and MNIST shows it: the held-out 1s score as more likely than the d
 
 The same from the command line, for one digit:
 
-    pyro-vae train --preset iwae1 --classes 0 1 2 3 4 5 6 7 8 --jit --epochs 5 --out runs/no9
+    pyro-vae train --preset iwae1 --classes 0 1 2 3 4 5 6 7 8 --epochs 5 --out runs/no9
     pyro-vae anomaly runs/no9 --k 100          # AUROC of the 9s; runs/no9/figures/anomalies.png
 """
 
@@ -40,7 +40,7 @@ test = load_dataset("binarized-mnist", device, train_size=1, test_size=args.test
 print(f"{'held out':>8} {'AUROC':>7} {'median -log p(x): held out':>27} {'others':>7}")
 for digit in args.digits:
     run = Path(args.out) / f"without-{digit}"
-    config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs, jit=True,
+    config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,
                                         classes=[c for c in range(10) if c != digit], device=str(device), seed=0))
     train(config, run, quiet=True, overwrite=True)
     _, model, guide = load_run(run, device)

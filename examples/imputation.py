@@ -31,7 +31,7 @@ args = p.parse_args()
 
 device = resolve_device(args.device)
 run = Path(args.out)
-config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs, jit=True,
+config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs,
                                     device=str(device), seed=0))
 train(config, run, quiet=True, overwrite=True)
 _, model, guide = load_run(run, device)

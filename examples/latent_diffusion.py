@@ -47,7 +47,7 @@ for name, run in runs.items():
     if not holds_run(run):
         print(f"training {run} ({args.epochs} epochs) ...", flush=True)
         train(TrainConfig.from_dict(dict(preset="iwae1", model=name, dataset="binarized-mnist", epochs=args.epochs,
-                                         jit=True, seed=0)), run, quiet=True)
+                                         seed=0)), run, quiet=True)
 
 grey = load_dataset("mnist", "cpu")
 t0 = time.perf_counter()

@@ -28,7 +28,7 @@ p.add_argument("--out", default="runs/example-representations")
 args = p.parse_args()
 
 config = TrainConfig.from_dict(dict(preset="iwae1", dataset="binarized-mnist", epochs=args.epochs, z_dim=args.z_dim,
-                                    jit=True, device=args.device, seed=0))
+                                    device=args.device, seed=0))
 train(config, Path(args.out), quiet=True, overwrite=True)
 r = represent_run(args.out, args.labels, device=args.device)
 print(f"iwae1 VAE ({r['latent_dims']}-d codes), {args.epochs} epochs without labels; linear probe, test accuracy")

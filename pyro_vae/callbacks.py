@@ -151,12 +151,13 @@ class TensorBoard(Callback):
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, state.epoch)
         if self.image_shape and hasattr(state.model, "sample"):
-            from torchvision.utils import make_grid
+            from pyro_vae.plots import image_grid
 
             try:
                 images = state.model.sample(64).reshape(-1, *self.image_shape).clamp(0, 1)
             except TypeError:  # conditional models need their context to sample
                 images = None
             if images is not None:
-                self.writer.add_image("samples", make_grid(images, nrow=8), state.epoch)
+                grid = image_grid(images, nrow=8)
+                self.writer.add_image("samples", grid.expand(3, -1, -1) if len(grid) == 1 else grid, state.epoch)  # RGB
         self.writer.flush()

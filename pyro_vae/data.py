@@ -464,15 +464,15 @@ def _split(x, y, test_fraction: float, seed: int = 0):
     return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
 
 
-def _keep_classes(x, y, classes, num_classes, name):
-    """The rows of x (and y) whose label is one of ``classes``."""
+def _keep_classes(part: dict, classes, num_classes, name) -> dict:
+    """The rows of a split (rows, labels, factors) whose label is one of ``classes``."""
+    y = part["y"]
     if y is None:
         raise DataError(f"--classes needs labelled data, and {name!r} has no labels")
     bad = sorted(c for c in set(classes) if not 0 <= c < (num_classes or 0))
     if bad:
         raise DataError(f"--classes {bad} are not labels of {name!r}: choose among 0..{(num_classes or 1) - 1}")
-    keep = torch.isin(y, torch.as_tensor(sorted(set(classes)), dtype=y.dtype))
-    return x[keep], y[keep]
+    return _select(part, torch.isin(y, torch.as_tensor(sorted(set(classes)), dtype=y.dtype)))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -503,91 +503,125 @@ def load_dataset(
     standardize: True fits a ``Standardization`` on the (final) training rows and applies it to
     every split; a ``Standardization`` is applied as it is (a trained run's).
     """
-    path, given_shape = Path(name), image_shape
-    f_train = f_test = factor_names = None
+    source = _read_source(name, data_dir, image_size, train_size, test_size)
+    image_shape = _check_image_shape(image_shape or source.image_shape, source.train["x"].shape[1])
+    train, test = source.train, source.test
+    if classes is not None:
+        train, test = (_keep_classes(part, classes, source.num_classes, name) for part in (train, test))
+    train, test = _first_rows(train, train_size), _first_rows(test, test_size)
+    train, valid = _hold_out(train, validation)
+    for split, part in (("training", train), ("test", test)):
+        if len(part["x"]) == 0:
+            raise DataError(f"no {split} data of {name!r} is left after --classes, --train-size, --test-size "
+                            f"and --validation: keep more rows")
+        check_finite(part["x"], f"{split} data of {name!r}")
+    standardization = Standardization.fit(train["x"]) if standardize is True else standardize or None
+    if standardization is not None:
+        if source.binarize:
+            raise DataError(f"--standardize is for continuous data; {name!r} is binarized. Drop --standardize.")
+        if len(standardization.mean) != train["x"].shape[1]:
+            raise DataError(f"the standardization has {len(standardization.mean)} features and {name!r} "
+                            f"{train['x'].shape[1]}: it belongs to other data")
+        for part in (train, test, valid):
+            part["x"] = None if part["x"] is None else standardization.apply(part["x"])
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Dataset(
+        name=name, train=to(train["x"]), test=to(test["x"]), train_labels=to(train["y"]),
+        test_labels=to(test["y"]), valid=to(valid["x"]), valid_labels=to(valid["y"]), binarize=source.binarize,
+        image_shape=image_shape, num_classes=source.num_classes, standardization=standardization,
+        train_factors=to(train["f"]), test_factors=to(test["f"]), valid_factors=to(valid["f"]),
+        factor_names=source.factor_names,
+    )
+
+
+@dataclass
+class _Source:
+    """What a data source gives before any selection: per split, rows ``x`` (flat, float), labels
+    ``y`` and factors ``f`` (None where the source has none)."""
+
+    train: dict
+    test: dict
+    image_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    binarize: bool = False
+    factor_names: tuple[str, ...] | None = None
+
+
+def _part(x, y=None, f=None) -> dict:
+    """One split: flat float rows, their labels and factors."""
+    return {"x": x.reshape(len(x), -1).float(), "y": y, "f": f}
+
+
+def _read_source(name: str, data_dir, image_size, train_size, test_size) -> _Source:
+    """The data named ``name``: dSprites or an .npz of its layout, MNIST, an image folder, or a
+    .npy/.pt file (10% of its rows, at least one, chosen with a fixed seed, are the test set)."""
+    path = Path(name)
     if name == "dsprites" or path.suffix == ".npz":
         from pyro_vae import dsprites
 
         if name != "dsprites" and not path.exists():
             raise DataError(f"no .npz file at {path}")
-        x_train, x_test, f_train, f_test, factor_names = dsprites.load(
-            name, Path(data_dir or default_data_dir()), train_size, test_size, image_size)
-        x_train, x_test, f_train, f_test = map(torch.from_numpy, (x_train, x_test, f_train, f_test))
-        y_train = y_test = num_classes = None
-        image_shape, binarize = tuple(x_train.shape[1:]), False
-    elif name in BUILTIN_DATASETS:
+        x_train, x_test, f_train, f_test, factor_names = map(_as_tensor, dsprites.load(
+            name, Path(data_dir or default_data_dir()), train_size, test_size, image_size))
+        return _Source(_part(x_train, f=f_train), _part(x_test, f=f_test), tuple(x_train.shape[1:]),
+                       factor_names=factor_names)
+    if name in BUILTIN_DATASETS:
         a = mnist_arrays(data_dir)
         x_train = torch.from_numpy(a["x_train"]).float() / 255.0
         x_test = torch.from_numpy(a["x_test"]).float() / 255.0
-        y_train, y_test = torch.from_numpy(a["y_train"]), torch.from_numpy(a["y_test"])
-        image_shape, num_classes, binarize = (1, 28, 28), 10, name == "binarized-mnist"
-        if binarize:
-            g = torch.Generator().manual_seed(TEST_BINARIZATION_SEED)
-            x_test = torch.bernoulli(x_test, generator=g)
-    elif path.is_dir():
+        binarize = name == "binarized-mnist"
+        if binarize:  # the test set binarized once, with a fixed seed; training batches per step
+            x_test = torch.bernoulli(x_test, generator=torch.Generator().manual_seed(TEST_BINARIZATION_SEED))
+        return _Source(_part(x_train, torch.from_numpy(a["y_train"])), _part(x_test, torch.from_numpy(a["y_test"])),
+                       (1, 28, 28), 10, binarize)
+    if path.is_dir():
         x, y, num_classes = _read_image_folder(path, image_size)
-        image_shape, binarize = tuple(x.shape[1:]), False
         x_train, x_test, y_train, y_test = _split(x, y, 0.1)
-    elif path.suffix in (".npy", ".pt", ".pth") and path.exists():
-        x, y = _read_tensor_file(path)
-        if len(x) < 2:
-            raise DataError(f"{path} holds {len(x)} rows; need at least 2 (10% of the rows, at least one, are "
-                            f"the test set, and at least one is left to train on)")
-        image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
-        num_classes, binarize = (int(y.max()) + 1 if y is not None and len(y) else None), False
-        x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
-        factors = _read_factors(path, len(x))
-        if factors is not None:  # ground-truth factors (N, F), split as the rows are
-            f_train, f_test, _, _ = _split(factors, None, 0.1)
-            factor_names = tuple(f"factor_{j}" for j in range(factors.shape[1]))
-    else:
-        raise DataError(
-            f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, and no .npy/.pt "
-            f"file or image folder at that path."
-        )
-    flat = lambda t: t.reshape(len(t), -1).float()  # noqa: E731
-    x_train, x_test = flat(x_train), flat(x_test)
-    image_shape = _check_image_shape(given_shape or image_shape, x_train.shape[1])
-    if classes is not None:
-        (x_train, y_train), (x_test, y_test) = (_keep_classes(x, y, classes, num_classes, name)
-                                                for x, y in ((x_train, y_train), (x_test, y_test)))
-    if train_size:
-        x_train = x_train[:train_size]
-        y_train = None if y_train is None else y_train[:train_size]
-    if test_size:
-        x_test = x_test[:test_size]
-        y_test = None if y_test is None else y_test[:test_size]
-    x_valid = y_valid = f_valid = None
-    if validation:
-        if validation >= len(x_train):
-            raise DataError(f"--validation {validation} leaves no training data ({len(x_train)} points)")
-        x_train, x_valid = x_train[:-validation], x_train[-validation:]
-        if y_train is not None:
-            y_train, y_valid = y_train[:-validation], y_train[-validation:]
-        if f_train is not None:
-            f_train, f_valid = f_train[:-validation], f_train[-validation:]
-    for split, rows in (("training", x_train), ("test", x_test)):
-        if len(rows) == 0:
-            raise DataError(f"no {split} data of {name!r} is left after --classes, --train-size, --test-size "
-                            f"and --validation: keep more rows")
-    check_finite(x_train, f"training data of {name!r}")
-    check_finite(x_test, f"test data of {name!r}")
-    standardization = Standardization.fit(x_train) if standardize is True else standardize or None
-    if standardization is not None:
-        if binarize:
-            raise DataError(f"--standardize is for continuous data; {name!r} is binarized. Drop --standardize.")
-        if len(standardization.mean) != x_train.shape[1]:
-            raise DataError(f"the standardization has {len(standardization.mean)} features and {name!r} "
-                            f"{x_train.shape[1]}: it belongs to other data")
-        x_train, x_test = standardization.apply(x_train), standardization.apply(x_test)
-        x_valid = None if x_valid is None else standardization.apply(x_valid)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return Dataset(
-        name=name, train=to(x_train), test=to(x_test), train_labels=to(y_train),
-        test_labels=to(y_test), valid=to(x_valid), valid_labels=to(y_valid), binarize=binarize,
-        image_shape=image_shape, num_classes=num_classes, standardization=standardization,
-        train_factors=to(f_train), test_factors=to(f_test), valid_factors=to(f_valid), factor_names=factor_names,
+        return _Source(_part(x_train, y_train), _part(x_test, y_test), tuple(x.shape[1:]), num_classes)
+    if path.suffix in (".npy", ".pt", ".pth") and path.exists():
+        return _read_rows_file(path)
+    raise DataError(
+        f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, and no .npy/.pt "
+        f"file or image folder at that path."
     )
+
+
+def _as_tensor(a):
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def _read_rows_file(path: Path) -> _Source:
+    """A .npy/.pt file of (N, features...) rows, with labels and ground-truth factors where it has them."""
+    x, y = _read_tensor_file(path)
+    if len(x) < 2:
+        raise DataError(f"{path} holds {len(x)} rows; need at least 2 (10% of the rows, at least one, are "
+                        f"the test set, and at least one is left to train on)")
+    image_shape = tuple(x.shape[1:]) if x.dim() == 4 else (1, *x.shape[1:]) if x.dim() == 3 else None
+    num_classes = int(y.max()) + 1 if y is not None and len(y) else None
+    x_train, x_test, y_train, y_test = _split(x.float(), y, 0.1)
+    factors = _read_factors(path, len(x))
+    if factors is None:
+        return _Source(_part(x_train, y_train), _part(x_test, y_test), image_shape, num_classes)
+    f_train, f_test, _, _ = _split(factors, None, 0.1)  # ground-truth factors (N, F), split as the rows are
+    return _Source(_part(x_train, y_train, f_train), _part(x_test, y_test, f_test), image_shape, num_classes,
+                   factor_names=tuple(f"factor_{j}" for j in range(factors.shape[1])))
+
+
+def _select(part: dict, rows) -> dict:
+    return {k: None if v is None else v[rows] for k, v in part.items()}
+
+
+def _first_rows(part: dict, n: int | None) -> dict:
+    return _select(part, slice(0, n)) if n else part
+
+
+def _hold_out(train: dict, validation: int) -> tuple[dict, dict]:
+    """(training rows, the last ``validation`` of them as the validation split)."""
+    if not validation:
+        return train, {"x": None, "y": None, "f": None}
+    if validation >= len(train["x"]):
+        raise DataError(f"--validation {validation} leaves no training data ({len(train['x'])} points)")
+    return _select(train, slice(0, -validation)), _select(train, slice(-validation, None))
 
 
 def _check_image_shape(shape, features: int) -> tuple[int, ...] | None:

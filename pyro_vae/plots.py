@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
 
 from pyro_vae.errors import ConfigError
 from pyro_vae.files import atomic_write
@@ -23,13 +22,28 @@ def _as_images(x: torch.Tensor, image_shape) -> torch.Tensor:
     return x.detach().float().cpu().reshape(-1, *image_shape).clamp(0, 1)
 
 
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """(N, C, H, W) images tiled ``nrow`` to a row into one (C, H', W') image with ``padding``
+    pixels of ``pad_value`` around each (the layout of torchvision's ``make_grid``, without
+    importing torchvision, which costs seconds)."""
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
+    for i, image in enumerate(images):
+        top, left = (i // cols) * (h + padding) + padding, (i % cols) * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
 def save_image_grid(x: torch.Tensor, path: str | Path, image_shape=None, nrow: int = 8,
                     title: str | None = None, row_labels=None) -> Path:
     """Save rows of flat images as one grid PNG; ``row_labels`` are written left of the rows."""
     images = _as_images(x, image_shape)
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    grid = image_grid(images, nrow=nrow)
     fig, ax = _subplots(figsize=(grid.shape[2] / 40, grid.shape[1] / 40 + (0.4 if title else 0)))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    pixels = grid[0] if grid.shape[0] == 1 else grid.permute(1, 2, 0)  # grey: one channel with the grey colormap
+    ax.imshow(pixels.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     height = images.shape[-2] + 2
     for r, label in enumerate(row_labels or ()):

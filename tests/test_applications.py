@@ -193,3 +193,15 @@ def test_cli_anomaly_impute_interpolate_traverse_on_mnist(tmp_path, capsys):
     assert all(0.1 < r["latent_accuracy"] <= 1 and 0.1 < r["raw_accuracy"] <= 1 for r in probe["rows"])
     for name in ("anomalies", "imputations", "interpolations", "traversals"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_image_grid_tiles_like_torchvision_make_grid():
+    """The figures tile images without importing torchvision (seconds at start-up): same layout."""
+    from torchvision.utils import make_grid
+
+    from pyro_vae.plots import image_grid
+
+    for n, nrow, channels in [(64, 8, 1), (10, 8, 3), (3, 8, 1), (17, 5, 1)]:
+        x = torch.rand(n, channels, 6, 5)
+        expected = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+        assert torch.equal(image_grid(x, nrow), expected[:channels])  # make_grid copies grey to 3 channels

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from pyro_vae.guides import GaussianGuide
 from pyro_vae.errors import ConfigError, ProgramError
+from pyro_vae.guides import GaussianGuide
 from pyro_vae.models import VAE
 from pyro_vae.objectives import Objective, make_estimator
 from pyro_vae.objectives.traced import TracedObjective
@@ -102,3 +102,70 @@ def test_objectives_a_trace_cannot_replay_are_eager_by_default_and_refused_under
     assert len(said) == 1 and "KLPenaltyObjective" in said[0]
     with pytest.raises(ConfigError, match="--jit: KLPenaltyObjective .* drop --jit"):
         trace_objective(penalty, True)
+
+
+def test_a_size_taken_from_tensor_values_is_caught_on_the_next_batch():
+    """Rows split by a mask (as semi-supervised programs split labelled rows): the trace freezes
+    the split's size, which the check on the second batch finds; training goes on eagerly."""
+    import warnings
+
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_vae.objectives.traced import trace_objective
+    from pyro_vae.programs import as_module, bind
+
+    decoder, encoder = torch.nn.Linear(2, 12), torch.nn.Linear(12, 4)
+
+    def labelled(x, y):
+        keep = x[y > 0]  # as many rows as the labels say
+        with warnings.catch_warnings():  # a program that silences the tracer's warning about len()
+            warnings.simplefilter("ignore")
+            return keep, len(keep)
+
+    def model(x, y):
+        pyro.module("decoder", decoder)
+        keep, n = labelled(x, y)
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=keep)
+
+    def guide(x, y):
+        pyro.module("encoder", encoder)
+        keep, n = labelled(x, y)
+        with pyro.plate("data", n):
+            loc, log_scale = encoder(keep).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    model, guide = as_module(model, "model"), as_module(guide, "guide")
+    x = torch.bernoulli(torch.rand(6, 12))
+    bind(model, guide, x, y=torch.ones(6))
+    said = []
+    objective = trace_objective(Objective(model, guide, make_estimator("elbo")), None, say=said.append)
+    objective(x, beta=1.0, y=torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    assert objective.traced and not said
+    torch.manual_seed(3)
+    loss = objective(x, beta=1.0, y=torch.tensor([1.0, 1, 0, 0, 0, 0]))
+    torch.manual_seed(3)
+    assert torch.allclose(loss, objective.objective(x, beta=1.0, y=torch.tensor([1.0, 1, 0, 0, 0, 0])))
+    assert not objective.traced and len(said) == 1 and said[0].startswith("eager steps: the traced objective")
+
+
+def test_tracing_and_its_checks_leave_batch_norm_statistics_as_eager_steps_do():
+    class NormedGuide(GaussianGuide):
+        def __init__(self):
+            super().__init__(x_dim=12, z_dim=3, hidden=[8])
+            self.norm = torch.nn.BatchNorm1d(12)
+
+        def forward(self, x, **context):
+            return super().forward(self.norm(x), **context)
+
+    torch.manual_seed(0)
+    eager = Objective(VAE(x_dim=12, z_dim=3, hidden=[8]), NormedGuide(), make_estimator("elbo"))
+    traced = TracedObjective(copy.deepcopy(eager))
+    x = torch.bernoulli(torch.rand(6, 12))
+    loss_e, params_e = _two_steps(eager, x, 1.0)
+    loss_t, params_t = _two_steps(traced, x, 1.0)
+    assert torch.allclose(loss_e, loss_t, rtol=1e-5)
+    assert torch.allclose(eager.guide.norm.running_mean, traced.objective.guide.norm.running_mean)
+    assert int(traced.objective.guide.norm.num_batches_tracked) == 2

@@ -113,19 +113,9 @@ def _chunk_shape(model, guide, x, options: EvalOptions, context: dict, layout) -
 def _evaluate(model, guide, x, options: EvalOptions, context: dict) -> dict:
     t0 = time.perf_counter()
     n, k, seed = len(x), options.k, options.seed
-    closed_form = True  # per site where valid: objectives/kl.py decides
     layout = particle_layout_for(model, guide, x, context)
     dc, pc, per_pair = _chunk_shape(model, guide, x, options, context, layout)
-    psis = options.psis and k >= 5
-
-    log_px = torch.empty(n, dtype=torch.float64)
-    elbo = torch.empty(n, dtype=torch.float64)
-    log_lik = torch.zeros(n, dtype=torch.float64)
-    ess = torch.empty(n, dtype=torch.float64)
-    khat = np.full(n, np.nan)
-    kl_sum: dict[str, torch.Tensor] = {}
-    kl_total: dict[str, torch.Tensor] = {}
-    methods: dict[str, str] = {}
+    totals = _Totals(n, psis=options.psis and k >= 5)
     bar = tqdm(total=n * k, desc=f"log p(x), k={k}", unit="pair", unit_scale=True,
                disable=None if options.progress else True, leave=False)
     for i in range(0, n, dc):
@@ -134,53 +124,82 @@ def _evaluate(model, guide, x, options: EvalOptions, context: dict) -> dict:
         lw = torch.empty(k, b, device=x.device, dtype=x.dtype if x.is_floating_point() else None)
         for j in range(0, k, pc):
             kc = min(pc, k - j)
-            c = Chunk(model, guide, xb, kc, seeded_noise(seed, range(i, i + b), j, kc, layout), closed_form, layout,
-                      **context_rows(context, i, i + b))
+            c = Chunk(model, guide, xb, kc, seeded_noise(seed, range(i, i + b), j, kc, layout), True, layout,
+                      **context_rows(context, i, i + b))  # closed-form KL per site where valid (objectives/kl.py)
             lw[j:j + kc] = c.log_w
-            log_lik[i:i + b] += c.log_lik.double().sum(0).cpu()
-            for name, s in c.sites.items():
-                methods[name] = s["method"]
-                kl_total[name] = kl_total.get(name, 0) + s["total"].double().sum().cpu()
-                if s["per_dim"] is not None:
-                    kl_sum[name] = kl_sum.get(name, 0) + s["per_dim"].cpu()
+            totals.add_chunk(c, slice(i, i + b))
             bar.update(b * kc)
-        lw64 = lw.double()
-        log_px[i:i + b] = (torch.logsumexp(lw64, 0) - math.log(k)).cpu()
-        elbo[i:i + b] = lw64.mean(0).cpu()
-        ess[i:i + b] = torch.exp(2 * torch.logsumexp(lw64, 0) - torch.logsumexp(2 * lw64, 0)).cpu()
-        if psis:
-            khat[i:i + b] = psislw(lw64.T.cpu().numpy())[1]
+        totals.add_points(lw, slice(i, i + b))
     bar.close()
-
-    ll, el, dist_ = float(log_px.mean()), float(elbo.mean()), -float(log_lik.mean()) / k
-    kl_per_site = {s: float(v) / (n * k) for s, v in kl_total.items()}
-    result = {
-        "k": k,
-        "num_points": n,
-        "seed": seed,
-        "test_log_likelihood": ll,
-        "test_nll": -ll,
-        **bits_per_dim(model, x, ll, getattr(model, "scored_dims", x.shape[1]), guide, **context),  # discrete data only
-        "test_elbo": el,
-        "elbo_gap": ll - el,
-        "distortion": dist_,
-        "rate": sum(kl_per_site.values()),
-        "kl_per_site": kl_per_site,
-        "kl_method": methods,
-        "kl_per_dim": {s: (v / (n * k)).tolist() for s, v in kl_sum.items()},
-        "ess_mean": float(ess.mean()),
-        "ess_share_mean": float(ess.mean()) / k,
-        "ess_min": float(ess.min()),
-    }
-    if psis:
-        result.update(khat_summary(khat))
+    result = totals.summary(k)
+    result.update(seed=seed, **bits_per_dim(model, x, result["test_log_likelihood"],
+                                            getattr(model, "scored_dims", x.shape[1]), guide, **context))
     result.update(data_chunk=dc, particle_chunk=pc, bytes_per_pair=per_pair,
                   max_memory=None if options.max_memory is None else parse_bytes(options.max_memory),
                   eval_time_s=time.perf_counter() - t0)
     if options.return_points:
-        result["points"] = {"log_px": log_px.numpy(), "elbo": elbo.numpy(), "ess": ess.numpy(),
-                            "pareto_k": khat}
+        result["points"] = totals.points()
     return result
+
+
+class _Totals:
+    """What the chunks of one evaluation add up to: per point, log p(x), the k-sample ELBO, the
+    summed log-likelihood, ESS and k-hat, each from the point's full vector of k log weights; per
+    latent site, the KL summed over points and particles (and per dimension where factorized)."""
+
+    def __init__(self, n: int, psis: bool):
+        self.n, self.psis = n, psis
+        self.log_px, self.elbo, self.ess = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+        self.log_lik = torch.zeros(n, dtype=torch.float64)
+        self.khat = np.full(n, np.nan)
+        self.kl_total: dict[str, torch.Tensor] = {}
+        self.kl_per_dim: dict[str, torch.Tensor] = {}
+        self.methods: dict[str, str] = {}
+
+    def add_chunk(self, c: Chunk, rows: slice) -> None:
+        self.log_lik[rows] += c.log_lik.double().sum(0).cpu()
+        for name, s in c.sites.items():
+            self.methods[name] = s["method"]
+            self.kl_total[name] = self.kl_total.get(name, 0) + s["total"].double().sum().cpu()
+            if s["per_dim"] is not None:
+                self.kl_per_dim[name] = self.kl_per_dim.get(name, 0) + s["per_dim"].cpu()
+
+    def add_points(self, log_w: torch.Tensor, rows: slice) -> None:
+        """The (k, points) log weights of whole points."""
+        lw, k = log_w.double(), log_w.shape[0]
+        self.log_px[rows] = (torch.logsumexp(lw, 0) - math.log(k)).cpu()
+        self.elbo[rows] = lw.mean(0).cpu()
+        self.ess[rows] = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)).cpu()
+        if self.psis:
+            self.khat[rows] = psislw(lw.T.cpu().numpy())[1]
+
+    def summary(self, k: int) -> dict:
+        n = self.n
+        ll, el = float(self.log_px.mean()), float(self.elbo.mean())
+        kl_per_site = {s: float(v) / (n * k) for s, v in self.kl_total.items()}
+        result = {
+            "k": k,
+            "num_points": n,
+            "test_log_likelihood": ll,
+            "test_nll": -ll,
+            "test_elbo": el,
+            "elbo_gap": ll - el,
+            "distortion": -float(self.log_lik.mean()) / k,
+            "rate": sum(kl_per_site.values()),
+            "kl_per_site": kl_per_site,
+            "kl_method": self.methods,
+            "kl_per_dim": {s: (v / (n * k)).tolist() for s, v in self.kl_per_dim.items()},
+            "ess_mean": float(self.ess.mean()),
+            "ess_share_mean": float(self.ess.mean()) / k,
+            "ess_min": float(self.ess.min()),
+        }
+        if self.psis:
+            result.update(khat_summary(self.khat))
+        return result
+
+    def points(self) -> dict:
+        return {"log_px": self.log_px.numpy(), "elbo": self.elbo.numpy(), "ess": self.ess.numpy(),
+                "pareto_k": self.khat}
 
 
 def bytes_per_pair(model, guide, x, k: int, seed: int = 0, layout=None, **context) -> float:

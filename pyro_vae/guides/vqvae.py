@@ -27,7 +27,7 @@ class VQGuide(BuiltinProgram):
     guide every particle is the same, so their bounds equal the ELBO at K times the cost."""
 
     latent_sites = ("codes",)
-    traceable = False  # the codebook updates in a backward hook, which a --jit replay would skip
+    not_traceable = "its codebook updates in a backward hook, which a traced replay would skip"
 
     def __init__(self, model, x_dim: int = 784, image_shape: Sequence[int] | None = None,
                  activation: str = "relu", commitment: float = 0.25, gradient: str = "straight-through"):

@@ -34,6 +34,8 @@ class SSVAE(VAE):
 
     context_keys = ("y",)
     enumerated_sites = ("y_u",)
+    not_traceable = ("it splits each batch into labelled and unlabelled rows by their labels' values, "
+                     "sizes a trace would freeze")
 
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  activation: str = "softplus", likelihood: str = "bernoulli",

@@ -13,8 +13,9 @@ enter as tensors, so schedules keep working.
 
 ``jit`` setting: ``None`` (the default) traces where the programs allow it and otherwise trains
 eagerly, saying why in one line; ``True`` (``--jit``) traces or refuses; ``False``
-(``--no-jit``) is always eager. A program cannot be traced when its guide updates state in a
-Python hook (``traceable = False``, the VQ-VAE), when the objective is not the plain
+(``--no-jit``) is always eager. A program cannot be traced when it says so with a reason in a
+``not_traceable`` attribute (the VQ-VAE's guide, whose codebook updates in a Python hook; M2,
+which splits batches by label values), when the objective is not the plain
 ``Objective`` (capacity, free bits), when tracing fails or replays a different value, or when a
 user's own code turns a tensor into a Python value while being traced (a ``TracerWarning`` from
 a file outside torch, Pyro and pyro-vae): the trace would freeze that value, as Pyro's
@@ -30,6 +31,7 @@ steps 1.8x (batch 1024) to 3.7x (batch 4096) slower than eager on an H200; off, 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -54,8 +56,20 @@ def untraceable_reason(objective) -> str | None:
     """Why ``objective`` cannot be traced before it runs, or None."""
     if type(objective) is not Objective:
         return f"{type(objective).__name__} (capacity or free bits) is not the plain objective that a trace replays"
-    if getattr(objective.guide, "traceable", True) is False:  # e.g. the VQ-VAE's codebook update
-        return f"guide {type(objective.guide).__name__} updates its state in a Python hook, which a replay skips"
+    for kind in ("model", "guide"):  # a program says why it cannot be traced (the VQ-VAE's codebook, M2's split)
+        owner = _declaring(getattr(objective, kind))
+        if owner is not None:
+            return f"{kind} {type(owner).__name__}: {owner.not_traceable}"
+    return None
+
+
+def _declaring(program):
+    """The object with a ``not_traceable`` reason among a program, the function or method a
+    ``Program`` wraps, and that method's instance; or None."""
+    inner = getattr(program, "program", None)
+    for candidate in (program, inner, getattr(inner, "__self__", None)):
+        if candidate is not None and getattr(candidate, "not_traceable", None):
+            return candidate
     return None
 
 
@@ -102,6 +116,7 @@ class TracedObjective(nn.Module):
         self.objective, self.required, self.say = objective, required, say
         self.eager_reason: str | None = None
         self._traces: dict = {}
+        self._checked_twice: set = set()
         self._weights: dict[str, torch.Tensor] = {}
 
     @property
@@ -117,16 +132,19 @@ class TracedObjective(nn.Module):
         wkeys, ckeys = tuple(sorted(weights)), tuple(sorted(context))
         args = [self._scalar(k, weights[k], x) for k in wkeys] + [context[k] for k in ckeys]
         key = (tuple(x.shape), x.dtype, x.device, wkeys, ckeys, tuple(a.shape for a in args))
-        traced = self._traces.get(key)
-        if traced is None:
-            try:
+        try:
+            traced = self._traces.get(key)
+            if traced is None:  # a new input signature: trace it, and check the replay on this batch
                 traced = self._traces[key] = self._trace(x, args, wkeys, ckeys)
-            except _Untraceable as e:
-                if self.required:
-                    raise ProgramError(f"--jit: {e}; train without --jit") from None
-                self.eager_reason = str(e)
-                self.say(f"eager steps: {e} (--no-jit: eager without this note)")
-                return self.objective(x, **kwargs)
+            elif key not in self._checked_twice:  # and on the next batch: values the trace froze show here
+                self._checked_twice.add(key)
+                self._check_replay(traced, _Call(self.objective, wkeys, ckeys), x, args)
+        except _Untraceable as e:
+            if self.required:
+                raise ProgramError(f"--jit: {e}; train without --jit") from None
+            self.eager_reason = str(e)
+            self.say(f"eager steps: {e} (--no-jit: eager without this note)")
+            return self.objective(x, **kwargs)
         with torch.jit.optimized_execution(False):
             return traced(x, *args)
 
@@ -141,7 +159,7 @@ class TracedObjective(nn.Module):
         """Trace one call and check that the replay gives the eager value (``_Untraceable`` if not)."""
         call = _Call(self.objective, wkeys, ckeys)
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
+        with _buffers_kept(call), torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             try:
                 traced = torch.jit.trace(call, (x, *args), check_trace=False)
@@ -152,14 +170,39 @@ class TracedObjective(nn.Module):
         if frozen:
             raise _Untraceable(f"the program turns a tensor into a Python value at {frozen}, which a trace "
                                f"would freeze")
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            eager = call(x, *args)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.jit.optimized_execution(False):
-            replay = traced(x, *args)
+        self._check_replay(traced, call, x, args)
+        return traced
+
+    @staticmethod
+    def _check_replay(traced, call, x, args) -> None:
+        """The replay gives the eager value on this batch, from the same random numbers; the
+        buffers these extra calls update (batch-norm statistics) are put back as they were."""
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            with _buffers_kept(call), torch.no_grad():
+                with torch.random.fork_rng(devices=devices):  # both from the same random numbers
+                    eager = call(x, *args)
+                with torch.random.fork_rng(devices=devices), torch.jit.optimized_execution(False):
+                    replay = traced(x, *args)
+        except RuntimeError as e:  # e.g. a size the trace froze
+            first = (str(e).strip().splitlines() or ["RuntimeError"])[0]
+            raise _Untraceable(f"the traced objective fails on replay ({first})") from e
         if not torch.allclose(eager, replay, rtol=1e-4, atol=1e-4):
             raise _Untraceable(f"the traced objective gives {float(replay):.4f} where the model and guide give "
                                f"{float(eager):.4f} (control flow that depends on tensor values)")
-        return traced
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Put the module's buffers (batch-norm statistics) back as they were: the calls that trace
+    and check must not count as training steps."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _user_tracer_warning(caught) -> str | None:
