@@ -169,3 +169,34 @@ def test_tracing_and_its_checks_leave_batch_norm_statistics_as_eager_steps_do():
     assert torch.allclose(loss_e, loss_t, rtol=1e-5)
     assert torch.allclose(eager.guide.norm.running_mean, traced.objective.guide.norm.running_mean)
     assert int(traced.objective.guide.norm.num_batches_tracked) == 2
+
+
+def test_a_plate_sized_by_len_of_the_batch_is_traced():
+    """``pyro.plate("data", len(x))``, as many Pyro users write it: a size the traces are keyed by."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_vae.objectives.traced import trace_objective
+    from pyro_vae.programs import as_module, bind
+
+    decoder, encoder = torch.nn.Linear(2, 12), torch.nn.Linear(12, 4)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(x), 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", len(x)):
+            loc, log_scale = encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    model, guide = as_module(model, "model"), as_module(guide, "guide")
+    bind(model, guide, torch.zeros(2, 12))
+    said = []
+    objective = trace_objective(Objective(model, guide, make_estimator("iwae:K=3")), None, say=said.append)
+    for rows in (6, 6, 4, 4):  # two shapes, each traced and checked twice
+        objective(torch.bernoulli(torch.rand(rows, 12)), beta=1.0)
+    assert objective.traced and not said

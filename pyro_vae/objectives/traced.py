@@ -205,10 +205,16 @@ def _buffers_kept(module: nn.Module):
                 buffer.copy_(value)
 
 
+# a tensor's length or rows (``pyro.plate("data", len(x))``): sizes, which the traces are keyed by;
+# a size that depends on values (``len(x[mask])``) shows when the second batch is checked
+_SHAPE_ONLY = ("Using len to get tensor shape", "Iterating over a tensor")
+
+
 def _user_tracer_warning(caught) -> str | None:
-    """'file:line' of the first TracerWarning raised from code outside torch, Pyro and pyro-vae."""
+    """'file:line' of the first TracerWarning raised from code outside torch, Pyro and pyro-vae
+    about a tensor's value turned into a Python value (not its size)."""
     for w in caught:
-        if not issubclass(w.category, torch.jit.TracerWarning):
+        if not issubclass(w.category, torch.jit.TracerWarning) or str(w.message).startswith(_SHAPE_ONLY):
             continue
         path = str(Path(w.filename).resolve())
         if not path.startswith((*_LIBRARIES, _OURS)):
