@@ -87,6 +87,16 @@ def test_a_bad_flag_is_one_line_naming_it(flags, needle, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--model", "ssvae", "--guide", "ssvae", "--estimator", "enum"], "ssvae needs labelled data"),
+    (["--model", "cvae", "--guide", "conditional"], "cvae needs the context width"),
+])
+def test_a_conditional_model_on_unlabelled_data_is_one_line(flags, needle, tmp_path, capsys):
+    code = run_cli("train", *flags, "--dataset", points(tmp_path / "x.npy"), "--out", tmp_path / "r")
+    one_line_error(capsys, code, needle)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("toml,needle", [
     ('jit = "no"', "jit = 'no': must be true or false"), ('epochs = "5"', "epochs = '5': must be an integer"),
     ("hidden = 400", "hidden = 400: must be a list"), ("lr = true", "lr = True: must be a finite number"),

@@ -9,7 +9,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_vae.models.ssvae import split_labelled
+from pyro_vae.errors import ConfigError
+from pyro_vae.models.ssvae import NEEDS_LABELS, split_labelled
 from pyro_vae.nets import MLP, GaussianHead
 from pyro_vae.programs import BuiltinProgram
 from pyro_vae.registry import GUIDES
@@ -28,6 +29,8 @@ class SSVAEGuide(BuiltinProgram):
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  activation: str = "softplus", num_classes: int | None = 10, aux_weight: float = 46.0):
         super().__init__()
+        if not num_classes:
+            raise ConfigError(NEEDS_LABELS)
         self.num_classes, self.aux_weight = num_classes, aux_weight
         self.classifier = MLP([x_dim, *hidden, num_classes], activation)
         self.z_encoder = GaussianHead([x_dim + num_classes, *hidden, z_dim], activation)

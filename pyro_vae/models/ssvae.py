@@ -11,8 +11,12 @@ import torch
 from torch import nn
 
 from pyro_vae.checks import check_features
+from pyro_vae.errors import ConfigError
 from pyro_vae.models.vae import VAE
 from pyro_vae.registry import MODELS
+
+NEEDS_LABELS = ("ssvae needs labelled data, for the number of classes (num_classes): train on a data set with "
+                "labels (e.g. --dataset mnist --labels 100), or give num_classes")
 
 
 def split_labelled(x: torch.Tensor, y: torch.Tensor | None):
@@ -40,6 +44,8 @@ class SSVAE(VAE):
     def __init__(self, x_dim: int = 784, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  activation: str = "softplus", likelihood: str = "bernoulli",
                  train_mean: torch.Tensor | None = None, num_classes: int | None = 10, **net_options):
+        if not num_classes:
+            raise ConfigError(NEEDS_LABELS)
         # the decoder reads [z, onehot(y)]; M2's prior on z is N(0, I), independent of y
         super().__init__(x_dim, z_dim + num_classes, hidden, activation, likelihood, train_mean, **net_options)
         self.z_dim, self.cond_dim = z_dim, num_classes
