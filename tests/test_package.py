@@ -44,3 +44,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_outside_the_repository(tmp_
        "--hidden", "16", "--epochs", "2", "--device", "cpu", "--quiet", "--out", "run", cwd=outside)
     out = sh(fresh / "pyro-vae", "eval", "run", "--k", "20", "--quiet", cwd=outside)
     assert "test_log_likelihood" in out and (outside / "run" / "eval.json").exists()
+    description = sh(fresh / "python", "-c", "import importlib.metadata as m; print(m.metadata('pyro-vae').get_payload())",
+                     cwd=outside)
+    assert description.startswith("# pyro-vae") and "pip install pyro-vae" in description
+    assert "make demo" not in description  # the repository's targets are not on the package index page
