@@ -64,6 +64,23 @@ def test_mutual_information_and_discretization_match_hand_computed_values():
     assert D.discretize(np.linspace(0, 1, 40)[:, None], 20)[:, 0].tolist() == [i // 2 for i in range(40)]
 
 
+def test_discretize_is_disentanglement_libs_histogram_discretizer_up_to_numbering():
+    # disentanglement_lib: np.digitize(x, np.histogram(x, bins)[1][:-1]), ids 1..bins; here ids 0..bins-1
+    x = np.random.default_rng(1).normal(size=(500, 3)) ** 3
+    theirs = np.stack([np.digitize(c, np.histogram(c, 20)[1][:-1]) for c in x.T], axis=1)
+    assert (D.discretize(x, 20) == theirs - 1).all()
+
+
+def test_a_collapsed_code_that_wiggles_with_a_factor_lowers_mig_as_in_disentanglement_lib(grid_sample):
+    # 20 bins over each code's own range: a dead code (sd 1e-3) whose mean follows a factor carries
+    # as much binned information as a live one; disentanglement_lib's MIG does not prune it either
+    factors, exact, _, _ = grid_sample
+    alone = D.mig(exact, factors, num_train=5000)["mig_per_factor"][3]
+    wiggle = 1e-3 * exact[:, 3:4] + 1e-4 * np.random.default_rng(2).normal(size=(len(exact), 1))
+    with_dead = D.mig(np.hstack([exact, wiggle]), factors, num_train=5000)["mig_per_factor"][3]
+    assert alone > 0.8 and with_dead < 0.3
+
+
 def test_a_dead_code_is_labelled_inactive_and_a_live_one_by_its_factor(grid_sample):
     factors, exact, _, _ = grid_sample
     codes = np.concatenate([exact[:, [3]], np.full((len(exact), 1), 0.01) + 1e-4 * exact[:, [0]]], 1)
