@@ -421,13 +421,38 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     from pyro_vae import __version__
-    from pyro_vae.config import resumable_flags
+    from pyro_vae.cli_latents import add_latent_commands
 
     p = Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
     p.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_figure_commands(sub)
+    _add_application_commands(sub)
+    add_latent_commands(sub, lambda *a: _run_parser(sub, *a))  # encode, decode, prior
+    _add_compare_command(sub)
+    _add_demo_command(sub)
+    return p
+
+
+def _run_parser(sub, name: str, help_: str, func):
+    """A subcommand that reads a run directory, with the flags they all share."""
+    s = sub.add_parser(name, help=help_, description=help_)
+    s.add_argument("run", help="run directory written by `pyro-vae train`")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=COUNT, default=0)
+    s.add_argument("--best", action="store_true",
+                   help="use the best validation epoch's weights (RUN/best.pt) instead of the last epoch's")
+    s.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    s.set_defaults(func=func)
+    return s
+
+
+def _add_train_command(sub) -> None:
+    """train: the training settings' flags (from their declarations) and the run's."""
+    from pyro_vae.config import resumable_flags
 
     t = sub.add_parser("train", help="train a model/guide pair with SVI",
                        description="Train a VAE with SVI on any estimator; writes a run directory.")
@@ -448,18 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes resume from the run's last checkpoint (torchrun's elastic restarts)")
     t.set_defaults(func=cmd_train)
 
-    def run_parser(name, help_, func):
-        s = sub.add_parser(name, help=help_, description=help_)
-        s.add_argument("run", help="run directory written by `pyro-vae train`")
-        s.add_argument("--device", default="auto")
-        s.add_argument("--seed", type=COUNT, default=0)
-        s.add_argument("--best", action="store_true",
-                       help="use the best validation epoch's weights (RUN/best.pt) instead of the last epoch's")
-        s.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
-        s.set_defaults(func=func)
-        return s
 
-    e = run_parser("eval", "test ELBO and importance-sampled test log-likelihood; writes RUN/eval.json", cmd_eval)
+def _add_eval_command(sub) -> None:
+    """eval: the importance-sampled log-likelihood and diagnostics."""
+    e = _run_parser(sub, "eval", "test ELBO and importance-sampled test log-likelihood; writes RUN/eval.json", cmd_eval)
     e.add_argument("--k", type=POSITIVE, default=1000, help="importance samples per test point")
     e.add_argument("--test-size", type=POSITIVE, help="evaluate on the first N test points only")
     e.add_argument("--max-batch-particles", type=POSITIVE, default=100_000,
@@ -470,26 +487,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--export-points", type=COUNT, nargs="*", default=[0, 1, 2, 3],
                    help="test points whose draws z and log weights go to RUN/posterior.nc (ArviZ)")
     e.add_argument("--quiet", action="store_true")
-    s = run_parser("sample", "samples drawn from the prior: a grid PNG for images; RUN/samples.npy and a scatter "
+
+
+def _add_figure_commands(sub) -> None:
+    """sample, reconstruct, interpolate, traverse: the pictures of ``figures.py``."""
+    s = _run_parser(sub, "sample", "samples drawn from the prior: a grid PNG for images; RUN/samples.npy and a scatter "
                    "plot of pairs of features otherwise", cmd_sample)
     s.add_argument("--n", type=POSITIVE, default=64)
     s.add_argument("--label", type=COUNT, help="the class to draw, for class-conditional models (cvae, ssvae)")
     s.add_argument("--out", help="PNG path (default RUN/figures/samples.png)")
-    from pyro_vae.cli_latents import add_latent_commands, add_sample_prior_flags
+    from pyro_vae.cli_latents import add_sample_prior_flags
 
     add_sample_prior_flags(s)
-    r = run_parser("reconstruct", "test points beside their reconstructions E[x | z = E_q[z|x]]: a PNG grid for "
+    r = _run_parser(sub, "reconstruct", "test points beside their reconstructions E[x | z = E_q[z|x]]: a PNG grid for "
                    "images; RUN/reconstructions.npy and a scatter plot otherwise", cmd_reconstruct)
     r.add_argument("--n", type=POSITIVE, default=32)
     r.add_argument("--out", help="PNG path (default RUN/figures/reconstructions.png)")
-    i = run_parser("interpolate", "decoded paths between the codes of pairs of test points: a PNG (and "
+    i = _run_parser(sub, "interpolate", "decoded paths between the codes of pairs of test points: a PNG (and "
                    "RUN/interpolations.npy where the features are not an image)", cmd_interpolate)
     i.add_argument("--pairs", type=POSITIVE, default=8)
     i.add_argument("--steps", type=checked(int, at_least=2), default=10, help="points on each path, its ends included")
     i.add_argument("--method", choices=["slerp", "linear"], default="slerp",
                    help="spherical (White 2016; the default) or straight-line interpolation")
     i.add_argument("--out", help="PNG path (default RUN/figures/interpolations.png)")
-    v = run_parser("traverse", "latent traversals: one test point's code, one dimension varied per row: a PNG "
+    v = _run_parser(sub, "traverse", "latent traversals: one test point's code, one dimension varied per row: a PNG "
                    "(and RUN/traversals.npy where the features are not an image)", cmd_traverse)
     v.add_argument("--index", type=COUNT, default=0, help="the test point")
     v.add_argument("--dims", type=COUNT, nargs="+", help="latent dimensions (default: the --num-dims most active)")
@@ -497,7 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--span", type=checked(float, above=0), default=3.0, help="values from -span to span (prior standard deviations)")
     v.add_argument("--steps", type=checked(int, at_least=2), default=9)
     v.add_argument("--out", help="PNG path (default RUN/figures/traversals.png)")
-    m = run_parser("impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
+
+
+def _add_application_commands(sub) -> None:
+    """impute, represent, anomaly, disentangle."""
+    m = _run_parser(sub, "impute", "fill in missing features of test points from p(x_m | x_o) (Metropolis-within-Gibbs); "
                    "writes RUN/impute.json", cmd_impute)
     m.add_argument("--missing", choices=["bottom-half", "right-half", "random"], default=None,
                    help="which features are missing (the halves need images; default: bottom-half for images, "
@@ -510,19 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Metropolis-within-Gibbs (Mattei & Frellsen 2018; exact for any guide) or "
                         "pseudo-Gibbs (Rezende et al. 2014; exact only with the exact posterior)")
     m.add_argument("--out", help="PNG path (default RUN/figures/imputations.png)")
-    e2 = run_parser("represent", "linear-probe accuracy of the codes E_q[z|x] against the raw features, with N "
+    e2 = _run_parser(sub, "represent", "linear-probe accuracy of the codes E_q[z|x] against the raw features, with N "
                     "labelled training points; writes RUN/represent.json", cmd_represent)
     e2.add_argument("--labels", type=POSITIVE, nargs="+", default=[100, 1000, 10000],
                     help="labelled training points for the probe, a multiple of the classes each")
-    a = run_parser("anomaly", "anomaly scores -log p(x) of the test set (and --data); AUROC against held-out "
+    a = _run_parser(sub, "anomaly", "anomaly scores -log p(x) of the test set (and --data); AUROC against held-out "
                    "classes of a --classes run; writes RUN/anomaly.json", cmd_anomaly)
     a.add_argument("--k", type=POSITIVE, default=100, help="importance samples per point")
     a.add_argument("--data", help="a .npy or .pt file of points to score against the test set")
     a.add_argument("--test-size", type=POSITIVE, help="score the first N test points only")
     a.add_argument("--out", help="PNG path (default RUN/figures/anomalies.png)")
-    add_latent_commands(sub, run_parser)  # encode, decode, prior
 
-    g = run_parser("disentangle", "disentanglement metrics of the codes against the data's factor labels (MIG, "
+    g = _run_parser(sub, "disentangle", "disentanglement metrics of the codes against the data's factor labels (MIG, "
                    "beta-VAE, FactorVAE, DCI, SAP; dsprites): writes RUN/disentangle.json and a traversal PNG "
                    "with each code labelled by its factor", cmd_disentangle)
     g.add_argument("--points", type=checked(int, at_least=100), default=20_000, help="test points whose codes the metrics read")
@@ -530,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--span", type=checked(float, above=0), default=3.0, help="traversal values from -span to span")
     g.add_argument("--steps", type=checked(int, at_least=2), default=9)
 
+
+def _add_compare_command(sub) -> None:
+    """compare: one run per estimator, side by side."""
     c = sub.add_parser("compare", help="train one model per ELBO estimator and compare them",
                        description=cmd_compare.__doc__ + " Writes OUT/compare.md, OUT/compare.csv, "
                        "OUT/figures/compare_bounds.png, OUT/figures/compare_snr.png and OUT/runs/.")
@@ -545,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in OUT/runs")
     c.set_defaults(func=cmd_compare)
 
+
+def _add_demo_command(sub) -> None:
+    """demo: the main job on MNIST, with pictures."""
     d = sub.add_parser("demo", help="train, evaluate and draw the iwae1 VAE on binarized MNIST",
                        description=cmd_demo.__doc__)
     d.add_argument("--out", default="runs/demo")
@@ -554,7 +584,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--overwrite", action="store_true", help="replace the run already in --out (an earlier demo)")
     d.set_defaults(func=cmd_demo)
-    return p
 
 
 # errors of the machine rather than of the input or the code: one line, naming the file
