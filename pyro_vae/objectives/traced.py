@@ -105,7 +105,7 @@ class _Untraceable(Exception):
 class TracedObjective(nn.Module):
     """Wraps an ``Objective``; training calls (with gradients) run a cached trace, others eager.
 
-    ``required=False``: where the first trace fails (see the module's docstring), say why once
+    ``required=False``: where tracing or a check of the replay fails (see the module's docstring), say why once
     through ``say`` and run eagerly from then on; ``required=True``: raise ``ProgramError``."""
 
     def __init__(self, objective: Objective, required: bool = True, say: Callable[[str], None] = _say_on_stderr):
