@@ -21,6 +21,7 @@ import torch
 
 from pyro_vae.config import TrainConfig
 from pyro_vae.errors import ConfigError
+from pyro_vae.files import atomic_write
 from pyro_vae.objectives import make_estimator
 from pyro_vae.objectives.base import site_log_prob, traces
 from pyro_vae.objectives.kl import site_kl, site_kls
@@ -190,10 +191,13 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _fmt(v) -> str:
@@ -223,4 +227,4 @@ def _write_markdown(path: Path, rows, snr_rows, config: TrainConfig, k: int, mem
     lines += [f"| {r['estimator']} | {r['K']} | {_fmt(r['model_snr'])} | {_fmt(r['guide_snr'])} |"
               for r in snr_rows]
     lines += ["", "Figures: `figures/compare_bounds.png`, `figures/compare_snr.png`.", ""]
-    path.write_text("\n".join(lines))
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
