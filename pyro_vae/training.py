@@ -42,7 +42,7 @@ from pyro_vae.distributed import SINGLE, World, resolve_device  # noqa: F401 (al
 from pyro_vae.errors import ConfigError, TrainingDiverged
 from pyro_vae.objectives import Objective, check_pair, make_estimator, make_objective
 from pyro_vae.objectives.tc import tell_dataset_size
-from pyro_vae.objectives.traced import trace_objective
+from pyro_vae.objectives.traced import say_on_stderr, trace_objective
 from pyro_vae.programs import bind
 from pyro_vae.programs import context_keys as program_context_keys
 from pyro_vae.run import (
@@ -361,7 +361,7 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
     estimator = tell_dataset_size(make_estimator(config.estimator, config.particles), len(dataset.train))  # beta-tcvae's N
     objective = make_objective(model, guide, estimator, schedule)
     _check_before_training(objective, dataset, context_keys, first, config, world, quiet)
-    objective = trace_objective(objective, config.jit, say=_notice if world.is_main and not quiet else _silent)
+    objective = trace_objective(objective, config.jit, say=say_on_stderr if world.is_main and not quiet else lambda line: None)
     optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     evaluator = objective
     if world.size > 1:
@@ -370,14 +370,6 @@ def _setup(config: TrainConfig, claim: RunClaim, quiet: bool, dataset: Dataset |
                           world=world, claim=claim, quiet=quiet)
     start_epoch = _claim_and_resume(state, dataset)
     return Setup(state, dataset, objective, evaluator, schedule, context_keys, start_epoch)
-
-
-def _notice(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def _silent(line: str) -> None:
-    pass
 
 
 def _load_data(config: TrainConfig, device, dataset: Dataset | None) -> Dataset:

@@ -48,7 +48,7 @@ _LIBRARIES = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, pyro)
 _OURS = str(Path(__file__).resolve().parents[1])
 
 
-def _say_on_stderr(line: str) -> None:
+def say_on_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
@@ -73,7 +73,7 @@ def _declaring(program):
     return None
 
 
-def trace_objective(objective, jit: bool | None, say: Callable[[str], None] = _say_on_stderr):
+def trace_objective(objective, jit: bool | None, say: Callable[[str], None] = say_on_stderr):
     """The objective to train with under the ``jit`` setting: a ``TracedObjective`` where it may be
     traced, else ``objective`` itself (``jit=None`` says why; ``jit=True`` refuses)."""
     if jit is False:
@@ -108,7 +108,7 @@ class TracedObjective(nn.Module):
     ``required=False``: where tracing or a check of the replay fails (see the module's docstring), say why once
     through ``say`` and run eagerly from then on; ``required=True``: raise ``ProgramError``."""
 
-    def __init__(self, objective: Objective, required: bool = True, say: Callable[[str], None] = _say_on_stderr):
+    def __init__(self, objective: Objective, required: bool = True, say: Callable[[str], None] = say_on_stderr):
         super().__init__()
         reason = untraceable_reason(objective)
         if reason is not None:
