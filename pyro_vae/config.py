@@ -84,7 +84,7 @@ class TrainConfig:
                                            "discretized-logistic (8-bit); default: the model's own (gaussian "
                                            "for linear)", choices=_names("likelihoods", "LIKELIHOODS"),
                                      import_path=True, optional=True)
-    net: str = setting("mlp", "encoder/decoder networks: mlp, or conv (images 28x28 or 32x32, any channels)",
+    net: str = setting("mlp", "encoder/decoder networks: mlp; conv (two stride-2 convolutions: images 28x28 or 32x32, any channels); conv4 (four, Locatello et al.'s: 64x64)",
                        choices=_names("nets", "NETS"))
     init_output_bias: bool = setting(False, "initialise the decoder output bias from the training mean", kind=bool)
     model_options: dict = setting({}, "arguments of the model's constructor (--model-option KEY=VALUE)", kind=dict)

@@ -86,31 +86,42 @@ class GaussianHead(nn.Module):
         return loc, nn.functional.softplus(raw) + 1e-6
 
 
-def _conv_grid(image_shape: Sequence[int]) -> tuple[int, int, int]:
+CONV_CHANNELS = {
+    "conv": (32, 64),  # two halvings: 28x28 and 32x32 images (MNIST, CIFAR)
+    "conv4": (32, 32, 64, 64),  # four: disentanglement_lib's conv_encoder/deconv_decoder for 64x64
+}
+NETS = ("mlp", *CONV_CHANNELS)
+
+
+def _conv_grid(image_shape: Sequence[int], net: str = "conv") -> tuple[int, int, int]:
+    """(channels, height, width) of the grid after ``net``'s stride-2 convolutions."""
     if image_shape is None or len(image_shape) != 3:
         raise ConfigError(f"the conv nets need images of shape (channels, height, width), got {image_shape}; "
                          f"use --net mlp for flat data")
     c, h, w = image_shape
-    if h % 4 or w % 4:
-        raise ConfigError(f"the conv nets halve the image twice, so height and width must be multiples "
-                         f"of 4 (28 and 32 work), got {h}x{w}; resize with --image-size 32")
-    return c, h // 4, w // 4
+    factor = 2 ** len(CONV_CHANNELS[net])
+    if h % factor or w % factor:
+        sizes = "28 and 32 work" if net == "conv" else "32 and 64 work"
+        raise ConfigError(f"--net {net} halves the image {len(CONV_CHANNELS[net])} times, so height and width "
+                         f"must be multiples of {factor} ({sizes}), got {h}x{w}; resize with --image-size")
+    return c, h // factor, w // factor
 
 
 class ConvEncoder(nn.Module):
-    """Flat images (..., C*H*W) -> two stride-2 4x4 convolutions (32, 64 channels) -> MLP
-    [64*H/4*W/4, *hidden, out_features]. For 28x28 and 32x32 images with any channel count."""
+    """Flat images (..., C*H*W) -> stride-2 4x4 convolutions (``net="conv"``: 32, 64 channels;
+    ``"conv4"``: 32, 32, 64, 64, Locatello et al. 2019's encoder) -> MLP [channels*grid, *hidden,
+    out_features]."""
 
-    channels = (32, 64)
-
-    def __init__(self, image_shape, out_features: int, hidden: Sequence[int] = (), act: str = "relu"):
+    def __init__(self, image_shape, out_features: int, hidden: Sequence[int] = (), act: str = "relu",
+                 net: str = "conv"):
         super().__init__()
-        c, h, w = _conv_grid(image_shape)
+        c, h, w = _conv_grid(image_shape, net)
         self.image_shape = tuple(image_shape)
-        c1, c2 = self.channels
-        self.conv = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), activation(act),
-                                  nn.Conv2d(c1, c2, 4, 2, 1), activation(act), nn.Flatten())
-        self.head = MLP([c2 * h * w, *hidden, out_features], act)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((c, *CONV_CHANNELS[net]), CONV_CHANNELS[net]):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), activation(act)]
+        self.conv = nn.Sequential(*layers, nn.Flatten())
+        self.head = MLP([CONV_CHANNELS[net][-1] * h * w, *hidden, out_features], act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -119,28 +130,28 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Latents (..., z) -> MLP [z, *hidden, 64*H/4*W/4] -> two stride-2 4x4 transposed
-    convolutions -> ``params`` maps per image channel, flattened channel-major to
-    (..., params*C*H*W) (so a 2-parameter likelihood sees its first parameter in the first half),
-    plus a per-feature output bias ``out_bias``."""
+    """Latents (..., z) -> MLP [z, *hidden, channels*grid] -> the encoder's convolutions mirrored
+    as stride-2 4x4 transposed convolutions -> ``params`` maps per image channel, flattened
+    channel-major to (..., params*C*H*W) (so a 2-parameter likelihood sees its first parameter in
+    the first half), plus a per-feature output bias ``out_bias``."""
 
-    def __init__(self, z_dim: int, image_shape, params: int = 1, hidden: Sequence[int] = (), act: str = "relu"):
+    def __init__(self, z_dim: int, image_shape, params: int = 1, hidden: Sequence[int] = (), act: str = "relu",
+                 net: str = "conv"):
         super().__init__()
-        c, h, w = _conv_grid(image_shape)
-        c1, c2 = ConvEncoder.channels
-        self.grid = (c2, h, w)
-        self.fc = nn.Sequential(MLP([z_dim, *hidden, c2 * h * w], act), activation(act))
-        self.deconv = nn.Sequential(nn.ConvTranspose2d(c2, c1, 4, 2, 1), activation(act),
-                                    nn.ConvTranspose2d(c1, params * c, 4, 2, 1), nn.Flatten())
-        self.out_bias = nn.Parameter(torch.zeros(params * c * h * w * 16))
+        c, h, w = _conv_grid(image_shape, net)
+        channels = CONV_CHANNELS[net][::-1]
+        self.grid = (channels[0], h, w)
+        self.fc = nn.Sequential(MLP([z_dim, *hidden, channels[0] * h * w], act), activation(act))
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), activation(act)]
+        self.deconv = nn.Sequential(*layers, nn.ConvTranspose2d(channels[-1], params * c, 4, 2, 1), nn.Flatten())
+        self.out_bias = nn.Parameter(torch.zeros(params * int(torch.tensor(image_shape).prod())))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         h = self.deconv(self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, *self.grid))
         return (h + self.out_bias).reshape(*lead, -1)
-
-
-NETS = ("mlp", "conv")
 
 
 def _check_net(net: str) -> None:
@@ -150,10 +161,10 @@ def _check_net(net: str) -> None:
 
 def encoder_net(net: str, x_dim: int, out_features: int, hidden: Sequence[int], act: str,
                 image_shape=None) -> nn.Module:
-    """The encoder body for ``net`` ("mlp" or "conv"): (..., x_dim) -> (..., out_features)."""
+    """The encoder body for ``net`` ("mlp", "conv" or "conv4"): (..., x_dim) -> (..., out_features)."""
     _check_net(net)
-    if net == "conv":
-        return ConvEncoder(image_shape, out_features, hidden, act)
+    if net in CONV_CHANNELS:
+        return ConvEncoder(image_shape, out_features, hidden, act, net)
     return MLP([x_dim, *hidden, out_features], act)
 
 
@@ -161,10 +172,10 @@ def decoder_net(net: str, z_dim: int, out_features: int, hidden: Sequence[int], 
                 image_shape=None) -> nn.Module:
     """The decoder for ``net``: (..., z_dim) -> (..., out_features); ``out_bias`` is its output bias."""
     _check_net(net)
-    if net == "conv":
-        _conv_grid(image_shape)  # conv nets need images: the same error as the encoder's
+    if net in CONV_CHANNELS:
+        _conv_grid(image_shape, net)  # conv nets need images: the same error as the encoder's
         numel = int(torch.tensor(image_shape).prod())
         if out_features % numel:
             raise ConfigError(f"decoder output {out_features} is not a multiple of the image size {image_shape}")
-        return ConvDecoder(z_dim, image_shape, out_features // numel, list(hidden)[::-1], act)
+        return ConvDecoder(z_dim, image_shape, out_features // numel, list(hidden)[::-1], act, net)
     return MLP([z_dim, *hidden, out_features], act)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyro_vae.errors import ConfigError
-from pyro_vae.nets import ConvEncoder, _conv_grid, activation
+from pyro_vae.nets import CONV_CHANNELS, _conv_grid, activation
 
 UPDATES = ("ema", "loss")
 GRADIENTS = ("straight-through", "rotation")
@@ -270,7 +270,7 @@ class GridEncoder(nn.Module):
     def __init__(self, image_shape, code_dim: int, act: str = "relu"):
         super().__init__()
         c, _, _ = _conv_grid(image_shape)
-        c1, c2 = ConvEncoder.channels
+        c1, c2 = CONV_CHANNELS["conv"]
         self.image_shape = tuple(image_shape)
         self.conv = nn.Sequential(nn.Conv2d(c, c1, 4, 2, 1), activation(act), nn.Conv2d(c1, c2, 4, 2, 1),
                                   activation(act), nn.Conv2d(c2, code_dim, 1))
@@ -287,7 +287,7 @@ class GridDecoder(nn.Module):
     def __init__(self, image_shape, code_dim: int, params: int = 1, act: str = "relu"):
         super().__init__()
         c, h, w = _conv_grid(image_shape)
-        c1, c2 = ConvEncoder.channels
+        c1, c2 = CONV_CHANNELS["conv"]
         self.grid, self.code_dim = (h, w), code_dim
         self.deconv = nn.Sequential(nn.Conv2d(code_dim, c2, 3, 1, 1), activation(act),
                                     nn.ConvTranspose2d(c2, c1, 4, 2, 1), activation(act),

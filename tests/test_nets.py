@@ -28,6 +28,21 @@ def test_conv_nets_map_images_of_any_channel_count(shape):
         ConvEncoder((1, 30, 30), 10)
 
 
+def test_conv4_is_disentanglement_libs_conv_net_for_64x64_images():
+    """Locatello et al. 2019 (disentanglement_lib's conv_encoder / deconv_decoder): four stride-2
+    4x4 convolutions with 32, 32, 64, 64 channels down to a 4x4 grid, a dense layer of 256, and the
+    decoder the mirror image."""
+    enc = ConvEncoder((1, 64, 64), 20, [256], net="conv4")
+    assert [m.out_channels for m in enc.conv if isinstance(m, torch.nn.Conv2d)] == [32, 32, 64, 64]
+    assert [m.in_features for m in enc.head if isinstance(m, torch.nn.Linear)] == [64 * 4 * 4, 256]
+    assert enc(torch.rand(2, 3, 4096)).shape == (2, 3, 20)
+    dec = decoder_net("conv4", 10, 4096, [256], "relu", (1, 64, 64))
+    assert [m.out_channels for m in dec.deconv if isinstance(m, torch.nn.ConvTranspose2d)] == [64, 32, 32, 1]
+    assert dec(torch.randn(5, 10)).shape == (5, 4096)
+    with pytest.raises(ValueError, match="conv4 halves the image 4 times.*multiples of 16"):
+        ConvEncoder((1, 28, 28), 10, net="conv4")
+
+
 def test_discretized_logistic_is_a_pmf_on_the_8_bit_grid():
     d = DiscretizedLogisticDistribution(torch.tensor([0.3, 0.0, 1.2, 0.5]), torch.tensor([0.1, 0.01, 0.5, 1e-3]))
     grid = torch.arange(256.0)[:, None] / 255
