@@ -11,14 +11,18 @@ from pyro_vae.errors import DataError
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:
+    """x must hold values and no NaN or infinity. Checked in chunks of ``CHECK_CHUNK`` values:
+    ``torch.isfinite`` on a whole data set would take about twice its memory again."""
     if x.numel() == 0:
         raise DataError(f"{what} is empty: there is nothing to train or evaluate on.")
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten()
+    rows = x.reshape(len(x), -1) if x.dim() else x.reshape(1, 1)
+    step = max(1, CHECK_CHUNK // max(1, rows.shape[1]))
+    bad_rows = torch.cat([(~torch.isfinite(rows[i:i + step])).sum(1) for i in range(0, len(rows), step)])
+    if bad_rows.any():
+        first = int(bad_rows.nonzero()[0])
         raise DataError(
-            f"{what} holds {int(bad.sum())} NaN or infinite values in {len(rows)} rows (first: "
-            f"row {int(rows[0])}). Remove or impute those rows (e.g. torch.nan_to_num) first."
+            f"{what} holds {int(bad_rows.sum())} NaN or infinite values in {int((bad_rows > 0).sum())} rows "
+            f"(first: row {first}). Remove or impute those rows (e.g. torch.nan_to_num) first."
         )
 
 
