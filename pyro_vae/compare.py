@@ -129,10 +129,7 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     """
     from pyro_vae.data import load_dataset
     from pyro_vae.distributed import resolve_device
-    from pyro_vae.evaluation import active_units, evaluate
     from pyro_vae.plots import save_bound_curves, save_snr_against_k
-    from pyro_vae.run import load_run
-    from pyro_vae.training import train
 
     base = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     if not estimators:
@@ -147,47 +144,58 @@ def compare(config: TrainConfig | dict, estimators, out, k: int = 1000, snr_repe
     rows, curves, first = [], {}, None
     for spec in estimators:
         cfg = TrainConfig.from_dict({**dataclasses.asdict(base), "estimator": spec})
-        run_dir = out / "runs" / _slug(spec)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        metrics = train(cfg, run_dir, quiet=quiet, dataset=dataset, overwrite=overwrite)
-        memory, memory_kind = _peak_memory_mb(device)
-        _, model, guide = load_run(run_dir, device, trust_code=True)  # the caller's own config, just trained
-        pyro.set_rng_seed(cfg.seed)
-        ev = evaluate(model, guide, dataset.test, k)
-        pyro.set_rng_seed(cfg.seed)
-        x_snr = dataset.train[:snr_batch]
-        x_snr = torch.bernoulli(x_snr) if dataset.binarize else x_snr
-        snr = gradient_snr(model, guide, make_estimator(spec, cfg.particles), x_snr, snr_repeats)
-        row = {
-            "estimator": spec,
-            "train_bound": -metrics[-1]["train_loss"],
-            "test_bound": -metrics[-1]["test_loss"],
-            "test_log_likelihood": ev["test_log_likelihood"],
-            "kl": kl_estimate(model, guide, dataset.test[:1000]),
-            "active_units": active_units(guide, dataset.test)[0],
-            "seconds_per_epoch": sum(m["epoch_time_s"] for m in metrics) / len(metrics),
-            "peak_memory_mb": memory,
-            "model_snr": snr["model_snr"],
-            "guide_snr": snr["guide_snr"],
-        }
+        row, metrics, trained = _train_and_measure(cfg, dataset, out / "runs" / _slug(spec), device, k,
+                                                   snr_batch, snr_repeats, quiet, overwrite)
         rows.append(row)
         curves[spec] = [(m["epoch"], -m["test_loss"]) for m in metrics]
-        if first is None:
-            first = (model, guide, x_snr)
-        if not quiet:
-            print(f"{spec}: test log p(x) {row['test_log_likelihood']:.2f}, "
-                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        first = first or trained
 
     snr_rows = snr_against_k(*first, ks=snr_ks, repeats=snr_repeats, seed=base.seed)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "compare.csv", rows)
-    _write_markdown(out / "compare.md", rows, snr_rows, base, k, memory_kind, estimators[0])
+    _write_markdown(out / "compare.md", rows, snr_rows, base, k, _peak_memory_mb(device)[1], estimators[0])
     save_bound_curves(curves, out / "figures" / "compare_bounds.png")
     save_snr_against_k(snr_rows, out / "figures" / "compare_snr.png",
                        title=f"gradient SNR at the trained {estimators[0]} model")
     return rows
+
+
+def _train_and_measure(cfg: TrainConfig, dataset, run_dir: Path, device, k: int, snr_batch: int,
+                       snr_repeats: int, quiet: bool, overwrite: bool):
+    """Train one estimator's run and measure it: (its row of compare.csv, its metrics, and
+    (model, guide, SNR batch) for the SNR-against-K figure)."""
+    from pyro_vae.evaluation import active_units, evaluate
+    from pyro_vae.run import load_run
+    from pyro_vae.training import train
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    metrics = train(cfg, run_dir, quiet=quiet, dataset=dataset, overwrite=overwrite)
+    memory, _ = _peak_memory_mb(device)
+    _, model, guide = load_run(run_dir, device, trust_code=True)  # the caller's own config, just trained
+    pyro.set_rng_seed(cfg.seed)
+    ev = evaluate(model, guide, dataset.test, k)
+    pyro.set_rng_seed(cfg.seed)
+    x_snr = dataset.train[:snr_batch]
+    x_snr = torch.bernoulli(x_snr) if dataset.binarize else x_snr
+    snr = gradient_snr(model, guide, make_estimator(cfg.estimator, cfg.particles), x_snr, snr_repeats)
+    row = {
+        "estimator": cfg.estimator,
+        "train_bound": -metrics[-1]["train_loss"],
+        "test_bound": -metrics[-1]["test_loss"],
+        "test_log_likelihood": ev["test_log_likelihood"],
+        "kl": kl_estimate(model, guide, dataset.test[:1000]),
+        "active_units": active_units(guide, dataset.test)[0],
+        "seconds_per_epoch": sum(m["epoch_time_s"] for m in metrics) / len(metrics),
+        "peak_memory_mb": memory,
+        "model_snr": snr["model_snr"],
+        "guide_snr": snr["guide_snr"],
+    }
+    if not quiet:
+        print(f"{cfg.estimator}: test log p(x) {row['test_log_likelihood']:.2f}, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return row, metrics, (model, guide, x_snr)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
